@@ -1,0 +1,233 @@
+"""The DeepSeek-VL2 vision-language model: vision tower + projector + DeepSeekMoE decoder.
+
+Images become runs of embeddings inside the prompt. Each image is a global 384-px view plus a grid of
+384-px local tiles; after the projector every tile is an h x w grid of vectors. The run for one image is
+the global grid with a learned newline after each row, the learned view separator, then the local
+tiles stitched into one (th*h) x (tw*w) grid, again with a newline after each row (global view last
+when ``global_view_pos == "tail"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .configuration import DeepseekVLV2Config
+from .language import DeepseekV2ForCausalLM
+from .projector import MlpProjector
+from .vision import VisionTransformer
+
+IMAGE_INPUTS = ("images", "images_seq_mask", "images_spatial_crop")
+
+
+class DeepseekVLV2PreTrainedModel(PreTrainedModel):
+    config_class = DeepseekVLV2Config
+    config: DeepseekVLV2Config
+    base_model_prefix = "deepseek_vl_v2"
+    main_input_name = "input_ids"
+    _no_split_modules = ["VisionBlock", "DeepseekV2DecoderLayer"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Random init for built test checkpoints; the decoder (a sub-model) initialises itself."""
+        if isinstance(module, DeepseekVLV2ForCausalLM):
+            std = module.config.projector_config.n_embed**-0.5
+            init.normal_(module.image_newline, std=std)
+            init.normal_(module.view_seperator, std=std)
+        elif isinstance(module, VisionTransformer):
+            init.normal_(module.pos_embed, std=module.pos_embed.shape[1] ** -0.5)
+            if hasattr(module, "attn_pool"):
+                init.normal_(module.attn_pool.latent, std=module.config.width**-0.5)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
+    """Vision tower, projector and decoder; generates text through transformers' ``generate``."""
+
+    def __init__(self, config: DeepseekVLV2Config):
+        super().__init__(config)
+        self.vision = VisionTransformer(config.vision_config)
+        self.projector = MlpProjector(config.projector_config)
+        width = config.projector_config.n_embed
+        self.image_newline = nn.Parameter(torch.zeros(width))
+        self.view_seperator = nn.Parameter(torch.zeros(width))  # sic: the published name
+        self.language = DeepseekV2ForCausalLM(config.language_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language.get_output_embeddings()
+
+    # ------------------------------------------------------------------ images -> embeddings
+
+    def _image_runs(self, tile_features: torch.Tensor, crops: list[tuple[int, int]]) -> torch.Tensor:
+        """Lay out projected tile features ([tiles, h*w, D]) as the token runs of the images in ``crops``."""
+        _, hw, dim = tile_features.shape
+        side = int(hw**0.5)
+        runs, start = [], 0
+        for width_tiles, height_tiles in crops:
+            global_view = self._with_newlines(tile_features[start].view(side, side, dim))
+            local = tile_features[start + 1 : start + 1 + width_tiles * height_tiles]
+            local = local.view(height_tiles, width_tiles, side, side, dim).permute(0, 2, 1, 3, 4)
+            local_view = self._with_newlines(local.reshape(height_tiles * side, width_tiles * side, dim))
+            separator = self.view_seperator[None].to(tile_features.dtype)
+            if self.config.global_view_pos == "head":
+                runs += [global_view, separator, local_view]
+            else:
+                runs += [local_view, separator, global_view]
+            start += 1 + width_tiles * height_tiles
+        return torch.cat(runs)
+
+    def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
+        rows = grid.shape[0]
+        newline = self.image_newline.to(grid.dtype).expand(rows, 1, -1)
+        return torch.cat([grid, newline], dim=1).flatten(0, 1)
+
+    @staticmethod
+    def _image_crops(images_spatial_crop: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per batch row, the (width_tiles, height_tiles) of each real image (zero rows are padding)."""
+        crops = []
+        for row in images_spatial_crop.tolist():
+            crops.append([(w, h) for w, h in row if w > 0 and h > 0])
+        return crops
+
+    def prepare_inputs_embeds(
+        self,
+        input_ids: torch.LongTensor,
+        images: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+        **unused,
+    ) -> torch.Tensor:
+        """Token embeddings with every image-token position replaced by its image features.
+
+        input_ids [b, T]; images [b, max_tiles, 3, 384, 384]; images_seq_mask [b, T] (bool);
+        images_spatial_crop [b, max_images, 2] as (width_tiles, height_tiles), zeros for padding.
+        """
+        embeddings = self.get_input_embeddings()(input_ids)
+        if images is None or images_spatial_crop is None or images_seq_mask is None:
+            return embeddings
+        crops = self._image_crops(images_spatial_crop)
+        tiles_per_row = [sum(1 + w * h for w, h in row) for row in crops]
+        if sum(tiles_per_row) == 0:
+            return embeddings
+        if any(n > images.shape[1] for n in tiles_per_row):
+            raise ValueError(
+                f"images_spatial_crop asks for {max(tiles_per_row)} tiles in a row but images holds {images.shape[1]}"
+            )
+        tiles = torch.cat([images[row, :n] for row, n in enumerate(tiles_per_row)])
+        tiles = tiles.to(device=embeddings.device, dtype=self.vision.pos_embed.dtype)
+        tile_features = self.projector(self.vision(tiles))
+        runs = []
+        start = 0
+        for row, n in zip(crops, tiles_per_row):
+            if n:
+                runs.append(self._image_runs(tile_features[start : start + n], row))
+            start += n
+        features = torch.cat(runs).to(embeddings.dtype)
+        mask = images_seq_mask.to(device=embeddings.device, dtype=torch.bool)
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(
+                f"the prompt has {int(mask.sum())} image-token positions but the images give {features.shape[0]} "
+                "embeddings: input_ids, images_seq_mask and images_spatial_crop do not belong together"
+            )
+        return embeddings.masked_scatter(mask.unsqueeze(-1), features)
+
+    # ------------------------------------------------------------------ forward and generation
+
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache", raise_if_both_names=True)
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: DynamicCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids or inputs_embeds")
+            inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        return self.language(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        """Images are encoded once, in the first step; later steps only see the new token."""
+        if not is_first_iteration:
+            for name in IMAGE_INPUTS:
+                kwargs.pop(name, None)
+        return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+
+    @torch.no_grad()
+    def incremental_prefilling(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+        chunk_size: int = 1024,
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """Prefill all but the last prompt token in chunks of ``chunk_size`` tokens to bound peak memory.
+
+        Returns ``(inputs_embeds, cache)``; pass both (with ``input_ids`` and ``attention_mask``) to
+        ``generate``, which runs the last token and continues. The cache stays on the model's device.
+        """
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("incremental_prefilling needs input_ids or inputs_embeds")
+            inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        batch, length, _ = inputs_embeds.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
+        attention_mask = attention_mask.to(inputs_embeds.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.config.language_config)
+        decoder = self.language.model
+        for start in range(0, length - 1, chunk_size):
+            end = min(start + chunk_size, length - 1)
+            decoder(
+                inputs_embeds=inputs_embeds[:, start:end],
+                attention_mask=attention_mask[:, :end],
+                position_ids=position_ids[:, start:end],
+                cache=cache,
+                use_cache=True,
+            )
+        return inputs_embeds, cache
+
+
+__all__ = ["DeepseekVLV2PreTrainedModel", "DeepseekVLV2ForCausalLM"]
