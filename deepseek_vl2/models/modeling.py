@@ -182,12 +182,20 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
         """Images are encoded once, in the first step; later steps only see the new token."""
         if not is_first_iteration:
             for name in IMAGE_INPUTS:
                 kwargs.pop(name, None)
-        return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        return super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
 
     @torch.no_grad()
     def incremental_prefilling(
@@ -199,11 +207,14 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
         images_seq_mask: torch.Tensor | None = None,
         images_spatial_crop: torch.Tensor | None = None,
         chunk_size: int = 1024,
+        **unused,
     ) -> tuple[torch.Tensor, DynamicCache]:
         """Prefill all but the last prompt token in chunks of ``chunk_size`` tokens to bound peak memory.
 
         Returns ``(inputs_embeds, cache)``; pass both (with ``input_ids`` and ``attention_mask``) to
         ``generate``, which runs the last token and continues. The cache stays on the model's device.
+        Other processor outputs (``sft_format``, ``labels`` ...) are accepted and ignored, so
+        ``incremental_prefilling(**inputs, chunk_size=512)`` works.
         """
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")

@@ -1,0 +1,295 @@
+"""A small notebook-level API over the processor and the model: load, ask, read the answer.
+
+It is built only on the public low-level API (processor -> prepare_inputs_embeds /
+incremental_prefilling -> generate), so what it does, a user can do by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM
+from transformers.generation.streamers import BaseStreamer
+
+from .grounding import GroundingResult, clean_answer, parse_grounding
+from .models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from .utils.io import load_image
+
+USER, ASSISTANT = "<|User|>", "<|Assistant|>"
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}  # fmt: skip
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when present, else CPU; an explicit device string is checked, not guessed."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU")
+    return device
+
+
+def pick_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """bfloat16 unless told otherwise (the weights are published in bfloat16)."""
+    if dtype is None:
+        return torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported: use bfloat16, float16 or float32")
+        return dtype
+    if not isinstance(dtype, str) or dtype.lower() not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype.lower()]
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings; the defaults are the ones the original example uses with these models."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.4
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    greedy: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.greedy or self.temperature == 0:
+            return {**kwargs, "do_sample": False}
+        return {**kwargs, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+
+
+@dataclass
+class ChatResult:
+    answer: str  # decoded answer, special grounding tokens included
+    text: str  # the answer for display: grounding tokens removed, labels kept
+    grounding: GroundingResult
+    prompt: str  # the formatted prompt (sft_format) the model saw
+    history: list[dict]  # the conversation including this answer, to pass back as `history`
+    images: list[Image.Image]  # every image of the conversation, in order
+    prompt_tokens: int
+    new_tokens: int
+    timings: dict = field(default_factory=dict)  # seconds: prefill (to first token), decode; tokens_per_s
+
+
+class _QueueStreamer(BaseStreamer):
+    """Hands decoded text from the generating thread to the caller; never leaves the caller blocked."""
+
+    _DONE = object()
+
+    def __init__(self, tokenizer, skip_prompt_tokens: bool):
+        self.tokenizer = tokenizer
+        self.queue: queue.Queue = queue.Queue()
+        self.skip_prompt = skip_prompt_tokens
+        self.tokens: list[int] = []
+        self.printed = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_prompt:  # generate() first puts the prompt ids when it was given input_ids
+            self.skip_prompt = False
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.tokens.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
+        # hold back an incomplete multi-byte character until the next token completes it
+        if not text.endswith("\ufffd") and len(text) > self.printed:
+            self.queue.put(text[self.printed :])
+            self.printed = len(text)
+
+    def end(self) -> None:
+        self.queue.put(self._DONE)
+
+    def fail(self, error: BaseException) -> None:
+        self.queue.put(error)
+
+    def __iter__(self) -> Iterator[str]:
+        while (item := self.queue.get()) is not self._DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class DeepseekVL2Chat:
+    """Holds a model and its processor; ``chat`` answers, ``stream`` yields the answer as it comes."""
+
+    def __init__(
+        self,
+        model: DeepseekVLV2ForCausalLM,
+        processor: DeepseekVLV2Processor,
+        chunk_size: int | None = None,
+    ):
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+            raise TypeError(f"chunk_size must be an int or None, got {chunk_size!r}")
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"chunk_size must be > 0 (or None for one full prefill), got {chunk_size}")
+        self.model = model.eval()
+        self.processor = processor
+        self.chunk_size = chunk_size
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        chunk_size: int | None = None,
+    ) -> DeepseekVL2Chat:
+        device, dtype = pick_device(device), pick_dtype(dtype)
+        processor = DeepseekVLV2Processor.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        return cls(model.to(device), processor, chunk_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def build_conversation(
+        self,
+        prompt: str,
+        images: Sequence[str | os.PathLike | Image.Image] = (),
+        history: Sequence[dict] | None = None,
+        system: str | None = None,
+    ) -> tuple[list[dict], list[Image.Image]]:
+        """The conversation for one more user turn, and every image in it as RGB PIL images."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        loaded = [load_image(image) for image in images]
+        if loaded and "<image>" not in prompt:
+            prompt = "<image>\n" * len(loaded) + prompt
+        conversation = [dict(message) for message in history or []]
+        if system:
+            conversation = [m for m in conversation if m.get("role") != "system"]
+            conversation.insert(0, {"role": "system", "content": system})
+        conversation.append({"role": USER, "content": prompt, "images": loaded})
+        conversation.append({"role": ASSISTANT, "content": ""})
+        all_images = [image for message in conversation for image in message.get("images", [])]
+        return conversation, [load_image(image) for image in all_images]
+
+    def stream(
+        self,
+        prompt: str,
+        images: Sequence[str | os.PathLike | Image.Image] = (),
+        history: Sequence[dict] | None = None,
+        system: str | None = None,
+        settings: GenerationSettings | None = None,
+        **setting_overrides,
+    ) -> Iterator[str | ChatResult]:
+        """Yields text pieces as they are generated, then the ChatResult as the last item."""
+        settings = dataclasses.replace(settings or GenerationSettings(), **setting_overrides)
+        conversation, all_images = self.build_conversation(prompt, images, history, system)
+        inputs = self.processor(conversations=conversation, images=all_images, force_batchify=True)
+        inputs = inputs.to(self.device)
+        streamer = _QueueStreamer(self.processor.tokenizer, skip_prompt_tokens=True)
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    if settings.seed is not None:
+                        torch.manual_seed(settings.seed)
+                    outcome["sequences"] = self._generate(inputs, settings, streamer)
+            except BaseException as error:  # handed to the consumer, who re-raises it
+                streamer.fail(error)
+            else:
+                streamer.end()
+
+        started = time.perf_counter()
+        worker = threading.Thread(target=run, name="deepseek-vl2-generate", daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+        finished = time.perf_counter()
+        new_ids = outcome["sequences"][0, inputs.input_ids.shape[1] :]
+        answer = self.processor.tokenizer.decode(new_ids, skip_special_tokens=False)
+        answer = answer.removesuffix(self.processor.tokenizer.eos_token or "")
+        first = streamer.first_token_at or finished
+        decode_s = finished - first
+        new_tokens = int((new_ids != self.processor.tokenizer.pad_token_id).sum())
+        conversation[-1] = {"role": ASSISTANT, "content": answer}
+        yield ChatResult(
+            answer=answer,
+            text=clean_answer(answer),
+            grounding=parse_grounding(answer),
+            prompt=inputs.sft_format[0],
+            history=conversation,
+            images=all_images,
+            prompt_tokens=int(inputs.input_ids.shape[1]),
+            new_tokens=new_tokens,
+            timings={
+                "prefill_s": first - started,
+                "decode_s": decode_s,
+                "tokens_per_s": (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else 0.0,
+            },
+        )
+
+    def chat(self, *args, **kwargs) -> ChatResult:
+        """The whole answer at once; same arguments as ``stream``."""
+        *_, result = self.stream(*args, **kwargs)
+        return result
+
+    def _generate(self, inputs, settings: GenerationSettings, streamer: BaseStreamer) -> torch.Tensor:
+        tokenizer = self.processor.tokenizer
+        common = {
+            "input_ids": inputs.input_ids,
+            "attention_mask": inputs.attention_mask,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "streamer": streamer,
+            **settings.generate_kwargs(),
+        }
+        if self.chunk_size is None:
+            return self.model.generate(
+                images=inputs.images,
+                images_seq_mask=inputs.images_seq_mask,
+                images_spatial_crop=inputs.images_spatial_crop,
+                **common,
+            )
+        embeds, cache = self.model.incremental_prefilling(
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            images=inputs.images,
+            images_seq_mask=inputs.images_seq_mask,
+            images_spatial_crop=inputs.images_spatial_crop,
+            chunk_size=self.chunk_size,
+        )
+        return self.model.generate(inputs_embeds=embeds, cache=cache, **common)
+
+
+def default_image_dir() -> Path:
+    """The repository's images/ folder (sample images), found next to the package, not the cwd."""
+    return Path(__file__).resolve().parent.parent / "images"

@@ -1,0 +1,117 @@
+"""The ``deepseek`` chat format that all DeepSeek-VL2 models were trained with.
+
+A conversation reads::
+
+    {system}\\n\\n<|User|>: {question}\\n\\n<|Assistant|>: {answer}<｜end▁of▁sentence｜><|User|>: ...
+
+and a prompt for generation ends with ``<|Assistant|>:``. The system block (text and blank line)
+is present only when there is system text. The model sees each user turn *together with* the
+assistant prompt that follows it, and each answer as a separate piece of text without the space
+after ``<|Assistant|>:``; :func:`format_user_turn` gives the first, the processor adds the second.
+:meth:`Conversation.get_prompt` is the readable form, with that space, as the original shows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+USER = "<|User|>"
+ASSISTANT = "<|Assistant|>"
+SYSTEM = "system"
+TURN_SEP = "\n\n"  # after the system text and after each question
+EOS = "<｜end▁of▁sentence｜>"  # after each answer
+
+# Accepted spellings of the roles, compared case-insensitively.
+_ROLE_ALIASES = {
+    USER.lower(): USER,
+    "user": USER,
+    ASSISTANT.lower(): ASSISTANT,
+    "assistant": ASSISTANT,
+    SYSTEM: SYSTEM,
+}
+
+
+def format_system(system: str) -> str:
+    """The system block that precedes the first user turn ("" when there is no system text)."""
+    return f"{system}{TURN_SEP}" if system else ""
+
+
+def format_user_turn(question: str) -> str:
+    """A user turn followed by the assistant prompt, exactly as the model reads it."""
+    if not question:
+        return f"{USER}:{ASSISTANT}:"
+    return f"{USER}: {question}{TURN_SEP}{ASSISTANT}:"
+
+
+def normalize_role(role: object, index: int) -> str:
+    """``USER``, ``ASSISTANT`` or ``SYSTEM`` for any accepted spelling; ValueError otherwise."""
+    canonical = _ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
+    if canonical is None:
+        raise ValueError(
+            f"message {index} has unknown role {role!r}; use '{USER}' or 'user', "
+            f"'{ASSISTANT}' or 'assistant', or 'system'"
+        )
+    return canonical
+
+
+@dataclass
+class Conversation:
+    """System text plus alternating user and assistant turns, as ``(role, text)`` pairs.
+
+    Texts are stored stripped of surrounding whitespace, as the original processor used them.
+    Build one from chat messages with :meth:`from_messages`.
+    """
+
+    system: str = ""
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def from_messages(cls, messages: Sequence[Mapping], system_prompt: str = "") -> Conversation:
+        """Validate ``[{"role": ..., "content": ...}, ...]`` and put it in canonical form.
+
+        A ``system`` message may only come first; ``system_prompt`` is the same thing given as an
+        argument (give one or the other). The first turn must be the user's. A conversation that
+        ends with a user turn gets the empty assistant turn that asks the model to answer.
+        """
+        if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
+            raise TypeError(f"conversations must be a list of message dicts, got {type(messages).__name__}")
+        if not messages:
+            raise ValueError("the conversation is empty: give at least one user message")
+        if not isinstance(system_prompt, str):
+            raise TypeError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+
+        conversation = cls(system=system_prompt.strip())
+        for index, message in enumerate(messages):
+            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+                raise TypeError(f"message {index} must be a dict with 'role' and 'content' keys, got {message!r}")
+            role = normalize_role(message["role"], index)
+            content = message["content"]
+            if not isinstance(content, str):
+                raise TypeError(f"message {index} ({role}) has content of type {type(content).__name__}, not str")
+            if role == SYSTEM:
+                if index != 0:
+                    raise ValueError(f"a system message may only come first, found one at position {index}")
+                if conversation.system:
+                    raise ValueError("system text given twice: as a system message and as system_prompt=")
+                conversation.system = content.strip()
+            elif not conversation.turns and role != USER:
+                raise ValueError(f"the conversation must start with a user turn, message {index} is {role}")
+            else:
+                conversation.turns.append((role, content.strip()))
+
+        if not conversation.turns:
+            raise ValueError("the conversation has a system message but no user message")
+        if conversation.turns[-1][0] == USER:
+            conversation.turns.append((ASSISTANT, ""))
+        return conversation
+
+    def get_prompt(self) -> str:
+        """The conversation as one readable string (the processor's ``sft_format``)."""
+        text = format_system(self.system)
+        for role, message in self.turns:
+            if not message:
+                text += f"{role}:"
+            else:
+                text += f"{role}: {message}{TURN_SEP if role == USER else EOS}"
+        return text.strip()

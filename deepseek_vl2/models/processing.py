@@ -1,0 +1,426 @@
+"""DeepSeek-VL2's processor: a chat with images becomes token ids, image tiles and the masks that join them.
+
+Each image is seen twice: as a *global view* (the whole image padded to a 384x384 square with the
+mean colour) and as *local views* (the image padded to the candidate resolution that fits it best
+and cut into 384x384 tiles). In the token sequence each ``<image>`` placeholder becomes a run of
+image-token ids, one per visual embedding the model will scatter there: for ``h = w =
+ceil((384 // patch_size) / downsample_ratio)`` features per side, the global view takes
+``h * (w + 1)`` (a newline embedding after each row), one separator follows, then the local views
+take ``(num_height_tiles * h) * (num_width_tiles * w + 1)``.
+
+As in training, a conversation with more than two images gets no tiling at all (each image: global
+view plus one 384x384 tile); the processor logs it at INFO level instead of doing it silently.
+
+Differences from the original processor (fixes): system text reaches the tokens, ``images=None``
+works, a conversation may end with a user turn, bad input (including an image too thin for Pillow
+to scale, on which the original crashed) raises ValueError/TypeError with a message, ``batchify``
+keeps ``images_seq_mask`` boolean with any prompt lengths and also takes batches, ``.to(device)``
+keeps pixels in float32 unless asked, and nothing is printed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import PROCESSOR_NAME, cached_file
+
+from .conversation import ASSISTANT, USER, Conversation, format_system, format_user_turn
+
+logger = logging.getLogger(__name__)
+
+GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
+ROLE_TOKENS = (USER, ASSISTANT)
+
+# With more than this many images in one conversation, no image is tiled (as in training).
+MAX_IMAGES_WITH_TILING = 2
+
+
+def select_best_resolution(
+    image_size: tuple[int, int], candidate_resolutions: Sequence[Sequence[int]]
+) -> tuple[int, int]:
+    """The (width, height) among ``candidate_resolutions`` that keeps most of the image's pixels.
+
+    The image is scaled to fit each candidate; the candidate that keeps the most pixels (never
+    counting more than the original has) wins, ties going to the one with least padding, then
+    to the earlier candidate.
+    """
+    width, height = image_size
+    best, best_kept, best_wasted = None, 0, math.inf
+    for candidate_width, candidate_height in candidate_resolutions:
+        scale = min(candidate_width / width, candidate_height / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        wasted = candidate_width * candidate_height - kept
+        if kept > best_kept or (kept == best_kept and wasted < best_wasted):
+            best, best_kept, best_wasted = (candidate_width, candidate_height), kept, wasted
+    return best
+
+
+class _FieldsAsMapping:
+    """Dict-style access to a dataclass's fields, so ``model(**inputs)`` and ``inputs["images"]`` work."""
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def __getitem__(self, key: str):
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+@dataclass
+class ProcessedConversation(_FieldsAsMapping):
+    """One conversation, unbatched. ``seq`` counts text and image tokens."""
+
+    sft_format: str  # the conversation as readable text
+    input_ids: torch.Tensor  # (seq,) int64
+    labels: torch.Tensor  # (seq,) int64, ignore_id on image tokens (and on prompts when mask_prompt)
+    images: torch.Tensor  # (n_tiles, 3, 384, 384) float32; one zero tile when there is no image
+    images_seq_mask: torch.Tensor  # (seq,) bool, True on image tokens
+    images_spatial_crop: torch.Tensor  # (n_images, 2) int64 (width, height in tiles); (1, 2) zeros if no image
+    num_image_tokens: list[int]  # image tokens per image
+
+
+@dataclass
+class BatchedInputs(_FieldsAsMapping):
+    """Model inputs for a batch of ``b`` conversations, padded to ``seq`` tokens (left, by default).
+
+    Padding rows are zeros: zero tiles after a conversation's own tiles, and ``(0, 0)`` rows in
+    ``images_spatial_crop`` after its images, so a row whose width is 0 ends a conversation's
+    images. A text-only conversation has one zero tile and one ``(0, 0)`` row: for a text-only batch,
+    ``images`` is ``(b, 1, 3, 384, 384)`` zeros, ``images_spatial_crop`` ``(b, 1, 2)`` zeros and
+    ``images_seq_mask`` all False.
+    """
+
+    sft_format: list[str]
+    input_ids: torch.Tensor  # (b, seq) int64, pad id on padding
+    attention_mask: torch.Tensor  # (b, seq) int64, 0 on padding
+    labels: torch.Tensor  # (b, seq) int64, ignore_id on padding
+    images: torch.Tensor  # (b, max_n_tiles, 3, 384, 384) float32
+    images_seq_mask: torch.Tensor  # (b, seq) bool
+    images_spatial_crop: torch.Tensor  # (b, max_n_images, 2) int64
+    num_image_tokens: list[list[int]]
+    seq_lens: list[int]  # unpadded length of each conversation
+
+    def unbatch(self) -> list[ProcessedConversation]:
+        """The conversations of this batch without their padding, as ``batchify`` takes them."""
+        samples = []
+        for row, sft_format in enumerate(self.sft_format):
+            tokens = self.attention_mask[row].bool()
+            num_images = len(self.num_image_tokens[row])
+            crops = self.images_spatial_crop[row, : max(num_images, 1)]
+            num_tiles = int((1 + crops.prod(dim=1)).sum()) if num_images else 1
+            samples.append(
+                ProcessedConversation(
+                    sft_format=sft_format,
+                    input_ids=self.input_ids[row, tokens],
+                    labels=self.labels[row, tokens],
+                    images=self.images[row, :num_tiles],
+                    images_seq_mask=self.images_seq_mask[row, tokens],
+                    images_spatial_crop=crops,
+                    num_image_tokens=self.num_image_tokens[row],
+                )
+            )
+        return samples
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> BatchedInputs:
+        """Move every tensor to ``device``; cast floating tensors (the pixels) only if ``dtype`` is given."""
+        for name in self.keys():
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                cast = dtype if dtype is not None and value.is_floating_point() else None
+                setattr(self, name, value.to(device=device, dtype=cast))
+        return self
+
+
+class DeepseekVLV2Processor(ProcessorMixin):
+    """Turns a DeepSeek-VL2 chat (messages plus PIL images) into model inputs.
+
+    On construction it adds to ``tokenizer`` (in place, in the original's order, skipping tokens it
+    already has) the pad token if it has none, ``image_token``, the grounding tokens and the role
+    tokens, so ids match the published tokenizers. Defaults are the published checkpoints' values;
+    ``add_special_token`` is kept only because the published processor_config.json carries it.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        candidate_resolutions: Sequence[Sequence[int]],
+        patch_size: int = 14,
+        downsample_ratio: int = 2,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        normalize: bool = True,
+        image_token: str = "<image>",
+        pad_token: str = "<｜▁pad▁｜>",
+        add_special_token: bool = False,
+        sft_format: str = "deepseek",
+        mask_prompt: bool = False,
+        ignore_id: int = -100,
+    ):
+        if not candidate_resolutions:
+            raise ValueError("candidate_resolutions is empty; give (width, height) tile grids such as [[384, 384]]")
+        if sft_format != "deepseek":
+            raise ValueError(f"unknown sft_format {sft_format!r}; DeepSeek-VL2 uses 'deepseek'")
+        self.candidate_resolutions = [tuple(resolution) for resolution in candidate_resolutions]
+        self.image_size = self.candidate_resolutions[0][0]
+        self.patch_size = patch_size
+        self.downsample_ratio = downsample_ratio
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+        self.normalize = normalize
+        self.image_token = image_token
+        self.pad_token = pad_token
+        self.add_special_token = add_special_token
+        self.sft_format = sft_format
+        self.mask_prompt = mask_prompt
+        self.ignore_id = ignore_id
+
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": pad_token})
+        new_tokens = [image_token, *GROUNDING_TOKENS, *ROLE_TOKENS]
+        tokenizer.add_special_tokens({"extra_special_tokens": new_tokens}, replace_extra_special_tokens=False)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        logger.debug("special token ids: %s", dict(zip(new_tokens, tokenizer.convert_tokens_to_ids(new_tokens))))
+        super().__init__(tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> DeepseekVLV2Processor:
+        """Load processor_config.json and the tokenizer files from a folder or a hub id.
+
+        Keyword arguments naming a processor setting override the file; the others (``revision``,
+        ``cache_dir``, ``token``, ``local_files_only``, ...) go to the download. The tokenizer is
+        read from tokenizer.json as it is: the published tokenizer_config.json names
+        ``LlamaTokenizerFast``, which is not what these byte-level BPE tokenizers are.
+        """
+        settings = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
+        overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in settings}
+        with open(cached_file(pretrained_model_name_or_path, PROCESSOR_NAME, **kwargs), encoding="utf-8") as file:
+            saved = {name: value for name, value in json.load(file).items() if name in settings}
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return cls(tokenizer, **{**saved, **overrides})
+
+    def num_image_tokens_for(self, num_width_tiles: int, num_height_tiles: int) -> int:
+        """How many image tokens stand for one image tiled ``num_width_tiles`` x ``num_height_tiles``."""
+        side = math.ceil((self.image_size // self.patch_size) / self.downsample_ratio)
+        global_view = side * (side + 1)
+        local_views = (num_height_tiles * side) * (num_width_tiles * side + 1)
+        return global_view + 1 + local_views
+
+    def tile_image(self, image: Image.Image, cropping: bool = True) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The global view and the local tiles (row by row) of one image, and the tile grid (width, height).
+
+        Without ``cropping`` the local view is a single 384x384 tile.
+        """
+        size = self.image_size
+        if cropping:
+            best_width, best_height = select_best_resolution(image.size, self.candidate_resolutions)
+        else:
+            best_width, best_height = size, size
+        fill = tuple(int(mean * 255) for mean in self.image_mean)
+        global_view = self._to_tensor(ImageOps.pad(image, (size, size), color=fill))
+        local_view = self._to_tensor(ImageOps.pad(image, (best_width, best_height), color=fill))
+        grid_width, grid_height = best_width // size, best_height // size
+        local_tiles = (
+            local_view.reshape(3, grid_height, size, grid_width, size)
+            .permute(1, 3, 0, 2, 4)
+            .reshape(grid_height * grid_width, 3, size, size)
+        )
+        return torch.cat([global_view[None], local_tiles]), (grid_width, grid_height)
+
+    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """(3, H, W) float32 in [0, 1], then normalised with image_mean / image_std."""
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+        if not self.normalize:
+            return pixels
+        mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
+        return (pixels - mean) / std
+
+    def _encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` alone (no BOS/EOS)."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def process_one(
+        self,
+        conversations: Sequence[Mapping],
+        images: Sequence[Image.Image] | None = None,
+        inference_mode: bool = True,
+        system_prompt: str = "",
+    ) -> ProcessedConversation:
+        """Tokenize one conversation and tile its images (see ``__call__``)."""
+        conversation = Conversation.from_messages(conversations, system_prompt)
+        images = self._check_images(conversation, images)
+        cropping = len(images) <= MAX_IMAGES_WITH_TILING
+        if not cropping:
+            logger.info(
+                "%d images in one conversation: each is seen as a global view and one %dx%d tile, "
+                "without tiling (as the model was trained)",
+                len(images), self.image_size, self.image_size,
+            )  # fmt: skip
+
+        input_ids, image_mask, prompt_mask = [self.tokenizer.bos_token_id], [False], [False]
+        tiles, crops, num_image_tokens = [], [], []
+        remaining_images = iter(images)
+        for index, (role, text) in enumerate(conversation.turns):
+            if role == ASSISTANT:
+                ids = self._encode(text) + [self.tokenizer.eos_token_id]
+                input_ids += ids
+                image_mask += [False] * len(ids)
+                prompt_mask += [False] * len(ids)
+                continue
+            prompt = (format_system(conversation.system) if index == 0 else "") + format_user_turn(text)
+            start = len(input_ids)
+            for position, piece in enumerate(prompt.split(self.image_token)):
+                if position > 0:
+                    image_tiles, grid = self.tile_image(next(remaining_images), cropping)
+                    count = self.num_image_tokens_for(*grid)
+                    tiles.append(image_tiles)
+                    crops.append(grid)
+                    num_image_tokens.append(count)
+                    input_ids += [self.image_token_id] * count
+                    image_mask += [True] * count
+                ids = self._encode(piece)
+                input_ids += ids
+                image_mask += [False] * len(ids)
+            prompt_mask += [True] * (len(input_ids) - start)
+
+        input_ids = torch.tensor(input_ids, dtype=torch.long)
+        image_mask = torch.tensor(image_mask, dtype=torch.bool)
+        labels = input_ids.clone()
+        labels[image_mask] = self.ignore_id
+        if self.mask_prompt:
+            labels[torch.tensor(prompt_mask)] = self.ignore_id
+        if inference_mode:  # drop the EOS of the last (assistant) turn: the model answers from there
+            input_ids, labels, image_mask = input_ids[:-1], labels[:-1], image_mask[:-1]
+
+        if tiles:
+            pixels = torch.cat(tiles)
+            spatial_crop = torch.tensor(crops, dtype=torch.long)
+        else:
+            pixels = torch.zeros(1, 3, self.image_size, self.image_size)
+            spatial_crop = torch.zeros(1, 2, dtype=torch.long)
+        return ProcessedConversation(
+            sft_format=conversation.get_prompt(),
+            input_ids=input_ids,
+            labels=labels,
+            images=pixels,
+            images_seq_mask=image_mask,
+            images_spatial_crop=spatial_crop,
+            num_image_tokens=num_image_tokens,
+        )
+
+    def _check_images(self, conversation: Conversation, images: Sequence[Image.Image] | None) -> list[Image.Image]:
+        """The images as RGB, after checking that they match the conversation's placeholders."""
+        if self.image_token in conversation.system:
+            raise ValueError(f"the system text contains {self.image_token}; images belong in user turns")
+        placeholders = 0
+        for index, (role, text) in enumerate(conversation.turns):
+            if role == ASSISTANT and self.image_token in text:
+                raise ValueError(f"assistant turn {index} contains {self.image_token}; images belong in user turns")
+            placeholders += text.count(self.image_token)
+        if images is None:
+            images = []
+        if isinstance(images, Image.Image) or not isinstance(images, Sequence):
+            raise TypeError(f"images must be a list of PIL images, got {type(images).__name__}")
+        for index, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise TypeError(
+                    f"image {index} is a {type(image).__name__}, not a PIL image; "
+                    "load files with deepseek_vl2.utils.io.load_pil_images"
+                )
+            short_side, long_side = sorted(image.size)
+            if short_side == 0 or round(short_side / long_side * self.image_size) == 0:  # Pillow cannot scale it
+                raise ValueError(
+                    f"image {index} is {image.width}x{image.height}: too thin to fit a "
+                    f"{self.image_size}x{self.image_size} view (aspect ratio beyond {2 * self.image_size}:1)"
+                )
+        if placeholders != len(images):
+            raise ValueError(
+                f"the conversation has {placeholders} {self.image_token} placeholder(s) "
+                f"but {len(images)} image(s) were given"
+            )
+        return [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+
+    def __call__(
+        self,
+        *,
+        conversations: Sequence[Mapping],
+        images: Sequence[Image.Image] | None = None,
+        force_batchify: bool = True,
+        inference_mode: bool = True,
+        system_prompt: str = "",
+    ) -> BatchedInputs | ProcessedConversation:
+        """Process one conversation.
+
+        Args:
+            conversations: messages ``{"role": ..., "content": ...}``; roles ``<|User|>``/``user``,
+                ``<|Assistant|>``/``assistant`` and ``system`` (first only). Each ``<image>`` in a
+                user turn takes the next image. It may end with a user turn or with an empty
+                assistant turn (the same tokens).
+            images: PIL images in placeholder order; ``None`` or ``[]`` for text only. With more
+                than two images no image is tiled (global view plus one tile each), as in training.
+            force_batchify: return a batch of one (:class:`BatchedInputs`) instead of a
+                :class:`ProcessedConversation`.
+            inference_mode: drop the final EOS so the model continues the last assistant turn.
+            system_prompt: system text (or give a ``system`` message), placed before the first
+                user turn followed by a blank line.
+        """
+        sample = self.process_one(conversations, images, inference_mode, system_prompt)
+        return self.batchify([sample]) if force_batchify else sample
+
+    def batchify(
+        self, samples: Sequence[ProcessedConversation | BatchedInputs], padding: Literal["left", "right"] = "left"
+    ) -> BatchedInputs:
+        """Pad processed conversations into one batch (left padding for generation).
+
+        Batches among ``samples`` (such as ``processor(...)`` outputs) contribute their rows.
+        """
+        samples = [row for item in samples for row in (item.unbatch() if isinstance(item, BatchedInputs) else [item])]
+        if not samples:
+            raise ValueError("batchify needs at least one processed conversation")
+        if padding not in ("left", "right"):
+            raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
+        batch_size = len(samples)
+        seq_len = max(len(sample.input_ids) for sample in samples)
+        input_ids = torch.full((batch_size, seq_len), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, seq_len), self.ignore_id, dtype=torch.long)
+        attention_mask = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        images_seq_mask = torch.zeros(batch_size, seq_len, dtype=torch.bool)
+        max_tiles = max(sample.images.shape[0] for sample in samples)
+        images = samples[0].images.new_zeros(batch_size, max_tiles, *samples[0].images.shape[1:])
+        max_images = max(sample.images_spatial_crop.shape[0] for sample in samples)
+        spatial_crop = torch.zeros(batch_size, max_images, 2, dtype=torch.long)
+
+        for row, sample in enumerate(samples):
+            length = len(sample.input_ids)
+            span = slice(seq_len - length, seq_len) if padding == "left" else slice(0, length)
+            input_ids[row, span] = sample.input_ids
+            labels[row, span] = sample.labels
+            attention_mask[row, span] = 1
+            images_seq_mask[row, span] = sample.images_seq_mask
+            images[row, : sample.images.shape[0]] = sample.images
+            spatial_crop[row, : sample.images_spatial_crop.shape[0]] = sample.images_spatial_crop
+
+        return BatchedInputs(
+            sft_format=[sample.sft_format for sample in samples],
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            images=images,
+            images_seq_mask=images_seq_mask,
+            images_spatial_crop=spatial_crop,
+            num_image_tokens=[sample.num_image_tokens for sample in samples],
+            seq_lens=[len(sample.input_ids) for sample in samples],
+        )

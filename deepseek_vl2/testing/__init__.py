@@ -1,0 +1,1 @@
+"""Helpers for tests and demos: offline tokenizers and small random-weight checkpoints."""

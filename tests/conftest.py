@@ -1,0 +1,37 @@
+"""Shared fixtures: small random-weight checkpoints in the published on-disk format, built once."""
+
+import pytest
+import torch
+
+from deepseek_vl2.testing.checkpoints import build_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """``checkpoint_dir(variant)`` -> folder of a float32 built checkpoint (exact comparisons need fp32)."""
+    built = {}
+
+    def get(variant: str = "tiny"):
+        if variant not in built:
+            folder = tmp_path_factory.mktemp(f"ckpt-{variant}")
+            built[variant] = build_checkpoint(folder, variant, seed=1234, dtype=torch.float32)
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def loaded(checkpoint_dir):
+    """``loaded(variant)`` -> (model in eval mode, processor), cached per variant."""
+    from deepseek_vl2.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+
+    cache = {}
+
+    def get(variant: str = "tiny"):
+        if variant not in cache:
+            path = checkpoint_dir(variant)
+            model = DeepseekVLV2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            cache[variant] = (model, DeepseekVLV2Processor.from_pretrained(path))
+        return cache[variant]
+
+    return get
