@@ -89,6 +89,7 @@ def _vis_paths(save_vis: str, count: int) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from .chat import DeepseekVL2Chat, GenerationSettings
     from .grounding import draw_on_images
+    from .utils.io import load_image
 
     if args.demo and args.model_path:
         raise CliError("give either --demo or --model_path, not both")
@@ -107,14 +108,14 @@ def run(args: argparse.Namespace) -> int:
         greedy=args.greedy,
         seed=args.seed,
     )
-    images = list(args.image)
+    images = [load_image(image) for image in args.image]  # bad files fail here, before any model loads
     if args.demo:
         from .testing.checkpoints import demo_checkpoint
 
         if not args.quiet:
             print(DEMO_NOTICE, file=sys.stderr)
         model_path = demo_checkpoint("tiny")
-        images = images or [_default_demo_image()]
+        images = images or [load_image(_default_demo_image())]
     else:
         model_path = args.model_path
         looks_like_hub_id = model_path.count("/") == 1 and not model_path.startswith((".", "/", "~"))
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         boxes = []
         image = result.images[-1] if result.images else None
         for obj in result.grounding.objects:
-            entry = {"label": obj.label, "boxes_0_999": [list(b.as_tuple()) for b in obj.boxes]}
+            entry = {"label": obj.label, "boxes_0_999": [[b.x1, b.y1, b.x2, b.y2] for b in obj.boxes]}
             if image is not None:
                 entry["boxes_pixels"] = [list(b) for b in obj.pixel_boxes(*image.size)]
             boxes.append(entry)
@@ -194,16 +195,23 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        if args.quiet or args.json:
+            hf_logging.disable_progress_bar()
     try:
         return run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CliError, ValueError, TypeError, FileNotFoundError, OSError) as error:
+    except (CliError, ValueError, TypeError, OSError) as error:
         if args.verbose:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a bug, not bad input: still one line unless --verbose
+        if args.verbose:
+            raise
+        print(f"error: unexpected {type(error).__name__}: {error} (run with --verbose for details)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

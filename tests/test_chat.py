@@ -1,0 +1,106 @@
+"""The notebook chat API on built checkpoints: answers, streaming, history, grounding, failures."""
+
+import pytest
+import torch
+
+from deepseek_vl2.chat import ChatResult, DeepseekVL2Chat, GenerationSettings, pick_device, pick_dtype
+from deepseek_vl2.testing.checkpoints import build_checkpoint
+from deepseek_vl2.testing.scripted import script_checkpoint
+
+STREET = "images/street.png"
+BOX_ANSWER = "<|ref|>the red car<|/ref|><|det|>[[100, 600, 370, 830]]<|/det|>"
+
+
+@pytest.fixture(scope="module")
+def chat(checkpoint_dir):
+    return DeepseekVL2Chat.from_pretrained(checkpoint_dir("tiny"), dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def scripted_chat(tmp_path_factory):
+    path = build_checkpoint(tmp_path_factory.mktemp("scripted"), "tiny")
+    script_checkpoint(path, BOX_ANSWER, extra_tokens=("[[100, 600, 370, 830]]",))
+    return DeepseekVL2Chat.from_pretrained(path)  # defaults: CPU here, bfloat16
+
+
+@pytest.fixture(autouse=True)
+def repository_cwd(monkeypatch, request):
+    monkeypatch.chdir(request.config.rootpath)
+
+
+def test_chat_and_stream_give_the_same_answer(chat):
+    pieces = list(chat.stream("Describe the scene.", images=[STREET], greedy=True, max_new_tokens=12))
+    *text, result = pieces
+    assert isinstance(result, ChatResult) and all(isinstance(p, str) for p in text)
+    assert "".join(text).removesuffix(chat.processor.tokenizer.eos_token) == result.answer
+    again = chat.chat("Describe the scene.", images=[STREET], greedy=True, max_new_tokens=12)
+    assert again.answer == result.answer
+    assert result.new_tokens >= 1 and result.prompt_tokens > 400
+    assert set(result.timings) == {"prefill_s", "decode_s", "tokens_per_s"}
+
+
+def test_chunked_prefill_gives_the_same_answer(chat, checkpoint_dir):
+    chunked = DeepseekVL2Chat(chat.model, chat.processor, chunk_size=8)
+    kwargs = dict(images=[STREET], greedy=True, max_new_tokens=10)
+    assert chunked.chat("What is this?", **kwargs).answer == chat.chat("What is this?", **kwargs).answer
+
+
+def test_history_carries_the_previous_turn(chat):
+    first = chat.chat("Hello.", greedy=True, max_new_tokens=5)
+    second = chat.chat("And then?", history=first.history, greedy=True, max_new_tokens=5, system="Be brief.")
+    assert second.prompt.startswith("Be brief.\n\n<|User|>: Hello.")
+    assert first.answer in second.prompt and second.prompt.endswith("<|User|>: And then?\n\n<|Assistant|>:")
+    assert [m["role"] for m in second.history] == ["system", "<|User|>", "<|Assistant|>", "<|User|>", "<|Assistant|>"]
+
+
+def test_grounding_answer_end_to_end(scripted_chat):
+    result = scripted_chat.chat("Where is the red car?", images=[STREET])
+    assert result.answer == BOX_ANSWER
+    assert result.text == "the red car"
+    (car,) = result.grounding.objects
+    assert car.label == "the red car"
+    width, height = result.images[-1].size
+    assert car.pixel_boxes(width, height) == [pytest.approx((100 * width / 999, 600 * height / 999, 370 * width / 999, 830 * height / 999))]
+
+
+def test_failure_in_generation_reaches_the_caller_and_chat_stays_usable(chat, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(chat.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        list(chat.stream("Hi.", max_new_tokens=3))
+    monkeypatch.undo()
+    assert chat.chat("Hi.", greedy=True, max_new_tokens=3).new_tokens >= 1
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+    ],
+)
+def test_generation_settings_out_of_range(settings, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationSettings(**settings)
+
+
+def test_device_and_dtype_choices():
+    assert pick_device(None).type in ("cpu", "cuda")
+    assert pick_dtype(None) == torch.bfloat16 and pick_dtype("fp32") == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        pick_dtype("float8")
+    with pytest.raises(ValueError, match="device"):
+        pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            pick_device("cuda")
+
+
+def test_bad_chunk_size(chat):
+    with pytest.raises(ValueError, match="chunk_size"):
+        DeepseekVL2Chat(chat.model, chat.processor, chunk_size=0)
