@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .grounding import GroundingResult, clean_answer, parse_grounding
@@ -140,6 +141,20 @@ class _QueueStreamer(BaseStreamer):
             yield item
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation at the next token once the event is set (Stop button, Ctrl-C, closed stream)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ContextTooLongError(ValueError):
+    """The prompt plus the tokens to generate do not fit the model's context."""
+
+
 class DeepseekVL2Chat:
     """Holds a model and its processor; ``chat`` answers, ``stream`` yields the answer as it comes."""
 
@@ -208,12 +223,18 @@ class DeepseekVL2Chat:
         settings: GenerationSettings | None = None,
         **setting_overrides,
     ) -> Iterator[str | ChatResult]:
-        """Yields text pieces as they are generated, then the ChatResult as the last item."""
+        """Yields text pieces as they are generated, then the ChatResult as the last item.
+
+        Closing the generator early (``break``, Ctrl-C, a web client going away) stops generation at
+        the next token and leaves the model ready for the next call.
+        """
         settings = dataclasses.replace(settings or GenerationSettings(), **setting_overrides)
         conversation, all_images = self.build_conversation(prompt, images, history, system)
         inputs = self.processor(conversations=conversation, images=all_images, force_batchify=True)
+        self.check_context(inputs.input_ids.shape[1], settings.max_new_tokens)
         inputs = inputs.to(self.device)
         streamer = _QueueStreamer(self.processor.tokenizer, skip_prompt_tokens=True)
+        stop = threading.Event()
         outcome: dict = {}
 
         def run() -> None:
@@ -221,7 +242,7 @@ class DeepseekVL2Chat:
                 with self._lock, torch.inference_mode():
                     if settings.seed is not None:
                         torch.manual_seed(settings.seed)
-                    outcome["sequences"] = self._generate(inputs, settings, streamer)
+                    outcome["sequences"] = self._generate(inputs, settings, streamer, stop)
             except BaseException as error:  # handed to the consumer, who re-raises it
                 streamer.fail(error)
             else:
@@ -230,8 +251,11 @@ class DeepseekVL2Chat:
         started = time.perf_counter()
         worker = threading.Thread(target=run, name="deepseek-vl2-generate", daemon=True)
         worker.start()
-        yield from streamer
-        worker.join()
+        try:
+            yield from streamer
+        finally:
+            stop.set()
+            worker.join()
         finished = time.perf_counter()
         new_ids = outcome["sequences"][0, inputs.input_ids.shape[1] :]
         answer = self.processor.tokenizer.decode(new_ids, skip_special_tokens=False)
@@ -261,7 +285,20 @@ class DeepseekVL2Chat:
         *_, result = self.stream(*args, **kwargs)
         return result
 
-    def _generate(self, inputs, settings: GenerationSettings, streamer: BaseStreamer) -> torch.Tensor:
+    @property
+    def context_length(self) -> int:
+        return self.model.config.language_config.max_position_embeddings
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise ContextTooLongError, with the numbers, when the prompt and answer cannot fit."""
+        if prompt_tokens + max_new_tokens > self.context_length:
+            raise ContextTooLongError(
+                f"the prompt has {prompt_tokens} tokens (image tokens included) and max_new_tokens is "
+                f"{max_new_tokens}: {prompt_tokens + max_new_tokens} > the model's context of {self.context_length} "
+                "tokens; use fewer or smaller images, a shorter history, or a lower max_new_tokens"
+            )
+
+    def _generate(self, inputs, settings, streamer: BaseStreamer, stop: threading.Event) -> torch.Tensor:
         tokenizer = self.processor.tokenizer
         common = {
             "input_ids": inputs.input_ids,
@@ -270,6 +307,7 @@ class DeepseekVL2Chat:
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([_StopWhenSet(stop)]),
             **settings.generate_kwargs(),
         }
         if self.chunk_size is None:

@@ -104,3 +104,34 @@ def test_device_and_dtype_choices():
 def test_bad_chunk_size(chat):
     with pytest.raises(ValueError, match="chunk_size"):
         DeepseekVL2Chat(chat.model, chat.processor, chunk_size=0)
+
+
+def test_prompt_longer_than_context_is_a_clear_error(chat):
+    from deepseek_vl2.chat import ContextTooLongError
+
+    with pytest.raises(ContextTooLongError, match=r"prompt has \d+ tokens .* max_new_tokens is 4000: \d+ > the model's context of 4096"):
+        chat.chat("Describe.", images=[STREET], max_new_tokens=4000)
+
+
+def test_closing_the_stream_stops_generation(chat):
+    stream = chat.stream("Write a long story.", max_new_tokens=3000, temperature=1.0)
+    first = next(stream)
+    assert isinstance(first, str)
+    stream.close()  # what a `break`, or a web client going away, does
+    assert not chat._lock.locked(), "the generating thread has finished"
+    assert chat.chat("Hi.", greedy=True, max_new_tokens=2).new_tokens >= 1
+
+
+def test_ctrl_c_leaves_the_model_usable(chat):
+    import _thread
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in chat.stream("Write a long story.", max_new_tokens=3000, temperature=1.0):
+            _thread.interrupt_main()  # what Ctrl-C does: KeyboardInterrupt in the main thread
+            time.sleep(5)
+    assert time.perf_counter() - started < 5
+    assert not chat._lock.locked(), "the generating thread was stopped and joined"
+    result = chat.chat("Hi.", greedy=True, max_new_tokens=3)
+    assert result.new_tokens >= 1
