@@ -89,6 +89,7 @@ def _vis_paths(save_vis: str, count: int) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from .chat import DeepseekVL2Chat, GenerationSettings
     from .grounding import draw_on_images
+    from .utils.checkpoint import check_checkpoint_location
     from .utils.io import load_image
 
     if args.demo and args.model_path:
@@ -118,9 +119,7 @@ def run(args: argparse.Namespace) -> int:
         images = images or [load_image(_default_demo_image())]
     else:
         model_path = args.model_path
-        looks_like_hub_id = model_path.count("/") == 1 and not model_path.startswith((".", "/", "~"))
-        if not Path(model_path).exists() and not looks_like_hub_id:
-            raise CliError(f"model path {model_path!r} does not exist (and is not a hub id like org/name)")
+        check_checkpoint_location(model_path)
     prompt = args.prompt if args.prompt is not None else ("Describe this image." if images else "Hello!")
 
     started = time.perf_counter()

@@ -79,7 +79,7 @@ def test_quiet_prints_no_timings(checkpoint_dir, capsys):
     "args, message",
     [
         ([], "no model given"),
-        (["--model_path", "./no/such/folder"], "does not exist"),
+        (["--model_path", "./no/such/folder"], "checkpoint folder not found"),
         (["--demo", "--model_path", "x/y"], "either --demo or --model_path"),
         (["--demo", "--chunk_size", "0"], "--chunk_size"),
         (["--demo", "--temperature", "-1"], "temperature"),

@@ -152,5 +152,15 @@ class DeepseekVLV2Config(PretrainedConfig):
     def get_text_config(self, *args, **kwargs):
         return self.language_config
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        found = config_dict.get("model_type")
+        if found is not None and found != cls.model_type:
+            raise ValueError(
+                f"this checkpoint is a {found!r} model, not DeepSeek-VL2 (its config.json must say "
+                f"model_type {cls.model_type!r})"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
 
 __all__ = ["VisionEncoderConfig", "MlpProjectorConfig", "DeepseekV2Config", "DeepseekVLV2Config"]

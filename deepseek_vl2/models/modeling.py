@@ -16,6 +16,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ..utils.checkpoint import check_checkpoint_location
 from .configuration import DeepseekVLV2Config
 from .language import DeepseekV2ForCausalLM
 from .projector import MlpProjector
@@ -32,6 +33,24 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["VisionBlock", "DeepseekV2DecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader, with errors that name the problem: a missing folder, wrong-shaped tensors."""
+        check_checkpoint_location(pretrained_model_name_or_path)
+        if kwargs.get("ignore_mismatched_sizes"):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+        )
+        if info["mismatched_keys"]:
+            wrong = "; ".join(
+                f"{name}: checkpoint {tuple(found)}, model {tuple(expected)}"
+                for name, found, expected in sorted(info["mismatched_keys"])
+            )
+            raise ValueError(f"checkpoint {pretrained_model_name_or_path} has tensors of the wrong shape: {wrong}")
+        return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         """Random init for built test checkpoints; the decoder (a sub-model) initialises itself."""

@@ -35,6 +35,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import PROCESSOR_NAME, cached_file
 
+from ..utils.checkpoint import check_checkpoint_location
 from .conversation import ASSISTANT, USER, Conversation, format_system, format_user_turn
 
 logger = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ class DeepseekVLV2Processor(ProcessorMixin):
         read from tokenizer.json as it is: the published tokenizer_config.json names
         ``LlamaTokenizerFast``, which is not what these byte-level BPE tokenizers are.
         """
+        check_checkpoint_location(pretrained_model_name_or_path)
         settings = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
         overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in settings}
         with open(cached_file(pretrained_model_name_or_path, PROCESSOR_NAME, **kwargs), encoding="utf-8") as file:

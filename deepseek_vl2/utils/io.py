@@ -6,25 +6,48 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
     """An RGB image, turned upright by its EXIF orientation; the first frame of an animation.
 
-    Raises FileNotFoundError for a missing file and ValueError for a file that is not an image.
+    Raises FileNotFoundError for a missing file, ValueError for a file that is not a readable image
+    (not an image, truncated, or over Pillow's decompression-bomb limit, which we keep), TypeError
+    for something that is neither a path nor a PIL image.
     """
     if isinstance(image, Image.Image):
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return _upright_rgb(image)
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"an image must be a file path or a PIL image, got {type(image).__name__}")
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as opened:
             opened.seek(0)
-            return ImageOps.exif_transpose(opened).convert("RGB")
+            return _upright_rgb(opened)
     except UnidentifiedImageError as error:
         raise ValueError(f"not an image file (or a format Pillow cannot read): {path}") from error
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"image {path} is larger than Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels; "
+            "if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS"
+        ) from error
+    except OSError as error:  # truncated or corrupt data, found while decoding
+        raise ValueError(f"image file {path} could not be decoded ({error})") from error
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float images would clip to white in convert("RGB"): stretch them to 8 bits first
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def load_pil_images(conversations: Sequence[Mapping]) -> list[Image.Image]:
