@@ -1,0 +1,116 @@
+"""One browser session's chat, and how it is shown: the turns, the model's messages, the chat view.
+
+Nothing here needs Gradio: the chat view is plain message dicts in the format ``gr.Chatbot``
+reads (``{"role": "user" | "assistant", "content": [text, {"path": file}, ...]}``), so it can be
+tested without a server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from ..chat import ASSISTANT, USER, ChatResult
+from ..grounding import clean_answer, draw_on_images
+
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass
+class Turn:
+    """A user message and what came back: the answer (grounding tags kept), or an error."""
+
+    text: str  # what the user typed
+    images: list[str]  # files the user attached (paths on the server)
+    answer: str = ""
+    overlays: list[str] = field(default_factory=list)  # annotated copies of images, for grounding answers
+    error: str | None = None
+    done: bool = False  # generation ended (finished, failed or stopped); until then the answer is partial
+    stop_requested: bool = False  # Stop (or Remove, Clear) was pressed while it was being answered
+
+    @property
+    def prompt(self) -> str:
+        """The user message as the model reads it: one ``<image>`` per attached image, first, unless placed."""
+        if self.images and IMAGE_TOKEN not in self.text:
+            return f"{IMAGE_TOKEN}\n" * len(self.images) + self.text
+        return self.text
+
+    @property
+    def answered(self) -> bool:
+        return bool(self.answer) and self.error is None
+
+    def reset(self) -> None:
+        self.answer, self.overlays, self.error = "", [], None
+        self.done = self.stop_requested = False
+
+
+def model_history(turns: list[Turn]) -> list[dict]:
+    """The answered turns as model messages; failed and unanswered turns are left out."""
+    messages = []
+    for turn in turns:
+        if turn.answered:
+            messages += [user_message(turn), {"role": ASSISTANT, "content": turn.answer}]
+    return messages
+
+
+def user_message(turn: Turn) -> dict:
+    return {"role": USER, "content": turn.prompt, "images": list(turn.images)}
+
+
+def chat_messages(turns: list[Turn]) -> list[dict]:
+    """The chat view: each user message with its images; each answer cleaned, with its overlays."""
+    messages = []
+    for turn in turns:
+        user_content = [{"path": path} for path in turn.images]
+        if turn.text:
+            user_content.append(turn.text)
+        messages.append({"role": "user", "content": user_content})
+        if turn.error is not None:
+            messages.append({"role": "assistant", "content": f"**Error:** {turn.error}"})
+            continue
+        text = clean_answer(turn.answer)
+        assistant_content = ([text] if text else []) + [{"path": path} for path in turn.overlays]
+        if not assistant_content and turn.done:
+            assistant_content = ["*(no answer)*"]
+        if assistant_content:  # nothing yet: the chat shows its "pending" dots
+            messages.append({"role": "assistant", "content": assistant_content})
+    return messages
+
+
+def turn_gallery(turns: list[Turn]) -> list[tuple[str, str]]:
+    """The last turn's images with captions: what the user attached, then the grounding overlays."""
+    if not turns:
+        return []
+    last = turns[-1]
+    attached = [(path, f"image {index + 1}") for index, path in enumerate(last.images)]
+    return attached + [(path, "grounding") for path in last.overlays]
+
+
+def overlay_images(result: ChatResult) -> list[Image.Image]:
+    """The conversation's images that a grounding answer marks, with its boxes and labels drawn.
+
+    The model grounds on the last image of the conversation, which may belong to an earlier turn.
+    """
+    if not result.grounding.objects or not result.images:
+        return []
+    annotated = draw_on_images(result.images, result.grounding)
+    return [image for image, original in zip(annotated, result.images) if image is not original]
+
+
+def status_line(result: ChatResult, dropped_turns: int) -> str:
+    """One line under the chat: token counts, speed, and whether earlier turns were left out."""
+    parts = [
+        f"{result.prompt_tokens} prompt tokens + {result.new_tokens} new tokens",
+        f"{result.timings.get('tokens_per_s', 0.0):.1f} tokens/s",
+    ]
+    if dropped_turns:
+        parts.append(dropped_note(dropped_turns))
+    return " · ".join(parts)
+
+
+def dropped_note(dropped_turns: int) -> str:
+    """What the model did not see this time (the page still shows every turn)."""
+    if dropped_turns == 1:
+        return "the oldest turn was left out to fit the context"
+    return f"the {dropped_turns} oldest turns were left out to fit the context"

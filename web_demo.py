@@ -1,0 +1,80 @@
+"""Chat with a DeepSeek-VL2 model in the browser (Gradio 6).
+
+    python web_demo.py --model_name deepseek-ai/deepseek-vl2-tiny
+    python web_demo.py --demo            # a built-in tiny checkpoint with random weights, no download
+
+The page is served on 127.0.0.1 only, and never through a public share link unless --share is given.
+Needs the optional Gradio extra: pip install -e ".[gradio]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+IMAGES_DIR = Path(__file__).resolve().parent / "images"  # the examples: next to this file, not the cwd
+DEMO_NOTICE = (
+    "Demo mode: a small checkpoint built on this machine with RANDOM weights answers here, so its answers "
+    "are gibberish by design. Start with --model_name for a real model."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Chat with a DeepSeek-VL2 model (tiny, small or base) in the browser.")
+    parser.add_argument("--model_name", help="hub id (e.g. deepseek-ai/deepseek-vl2-tiny) or local checkpoint folder")
+    parser.add_argument("--local_path", help="read the weights from this folder instead (--model_name stays the label)")
+    parser.add_argument("--demo", action="store_true", help="use a built-in tiny checkpoint with random weights")
+    parser.add_argument(
+        "--host", "--ip", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=37913)
+    parser.add_argument("--share", action="store_true", help="also open a PUBLIC Gradio share link (off by default)")
+    parser.add_argument("--root_path", help="URL prefix when served behind a proxy")
+    parser.add_argument(
+        "--chunk_size", type=int, default=-1, help="prefill in chunks of N tokens to save memory (-1: one pass)"
+    )
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
+    parser.add_argument("--dtype", help="bf16 (default), fp16 or fp32")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo == bool(args.model_name or args.local_path):
+        parser.error("give --model_name (or --local_path) for a real model, or --demo, not both")
+    if args.chunk_size == 0 or args.chunk_size < -1:
+        parser.error(f"--chunk_size must be a positive number of tokens, or -1 for one pass; got {args.chunk_size}")
+    try:
+        import gradio  # noqa: F401  (only to say clearly what is missing)
+    except ImportError:
+        print(
+            'web_demo.py needs Gradio 6: pip install -e ".[gradio]"  (or: pip install "gradio>=6,<7")', file=sys.stderr
+        )
+        return 1
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own health checks, one line each
+    from deepseek_vl2.chat import DeepseekVL2Chat
+    from deepseek_vl2.web.app import ChatApp, launch
+
+    if args.demo:
+        from deepseek_vl2.testing.checkpoints import demo_checkpoint
+
+        model_path, model_name, notice = demo_checkpoint("tiny"), "built-in tiny demo (random weights)", DEMO_NOTICE
+    else:
+        model_path, model_name, notice = args.local_path or args.model_name, args.model_name or args.local_path, None
+    chat = DeepseekVL2Chat.from_pretrained(
+        model_path, device=args.device, dtype=args.dtype, chunk_size=None if args.chunk_size == -1 else args.chunk_size
+    )
+    if args.share:
+        logging.warning("--share: anyone with the link can use this model and see what is uploaded")
+    app = ChatApp(chat, model_name=model_name, notice=notice, examples_dir=IMAGES_DIR)
+    launch(app, host=args.host, port=args.port, share=args.share, root_path=args.root_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
