@@ -19,6 +19,7 @@ DEMO_NOTICE = (
 )
 EPILOG = """examples:
   deepseek-vl2 --demo
+  deepseek-vl2 plan --model deepseek-ai/deepseek-vl2-small --gpu-memory 40GiB --images 2   (memory planner)
   deepseek-vl2 --model_path deepseek-ai/deepseek-vl2-tiny --image images/street.png --prompt "Describe the image."
   deepseek-vl2 --model_path ./deepseek-vl2-small --chunk_size 512 --image a.png --image b.png \\
       --prompt "<image> and <image>: what differs?"
@@ -188,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:
+        from .planner import main as plan_main
+
+        return plan_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not args.verbose:

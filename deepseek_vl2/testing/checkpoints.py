@@ -92,7 +92,7 @@ def published_style_config(variant: str, vocab_size: int, bos_token_id: int, eos
         "tile_tag": "2D",
         "torch_dtype": "bfloat16",
         "transformers_version": "4.38.2",
-        "vision_config": _VISION,
+        "vision_config": dict(_VISION),
     }
 
 
