@@ -33,7 +33,7 @@ from .session import (
 
 logger = logging.getLogger(__name__)
 
-MAX_FILE_SIZE = "20mb"
+MAX_UPLOAD_MB = 20  # per file; Gradio refuses a bigger upload before it is stored (MB = 2**20 bytes)
 REFRESH_S = 0.05  # the shortest time between two updates of a streaming answer
 WAITING = "Waiting for the model…"  # until this session's turn in the queue comes
 MODEL_SLOT = "model"  # concurrency id shared by every event that runs the model
@@ -49,11 +49,12 @@ EXAMPLES = (
     (("shapes.png", "shelf.png"), "Which kinds of object appear in both images?"),
 )
 
-GUIDE = """\
+GUIDE = f"""\
 **Grounding**: put the object in `<|ref|>...<|/ref|>` (e.g. `Find all the <|ref|>mugs<|/ref|>`), or start
 with `<|grounding|>` for an answer that marks what it mentions; the boxes are drawn on the last image
 of the conversation. **Several images**: attach them together; `<image>` in your text places them,
-otherwise they come first. Older turns are left out when the chat outgrows the context.
+otherwise they come first; each may be up to {MAX_UPLOAD_MB} MB. Older turns are left out when the chat
+outgrows the context.
 """
 
 
@@ -271,10 +272,13 @@ def launch(
     port: int | None = None,
     share: bool = False,
     root_path: str | None = None,
-) -> None:
-    """Serve the page: one generation at a time, uploads up to MAX_FILE_SIZE, no public link unless asked.
+    block: bool = True,
+) -> gr.Blocks:
+    """Serve the page: one generation at a time, uploads up to MAX_UPLOAD_MB, no public link unless asked.
 
     Gradio serves only its own cache (uploads, the copied examples, our overlays): no allowed_paths.
+    With ``block=False`` the server runs in the background (tests) and ``.close()`` on the returned
+    Blocks stops it.
     """
     demo = app.build()
     demo.queue(default_concurrency_limit=1)
@@ -283,7 +287,9 @@ def launch(
         server_port=port,
         share=share,
         root_path=root_path,
-        max_file_size=MAX_FILE_SIZE,
+        max_file_size=f"{MAX_UPLOAD_MB}mb",
         ssr_mode=False,
         theme=gr.themes.Soft(),
+        prevent_thread_lock=not block,
     )
+    return demo
