@@ -34,6 +34,7 @@ from .session import (
 logger = logging.getLogger(__name__)
 
 MAX_UPLOAD_MB = 20  # per file; Gradio refuses a bigger upload before it is stored (MB = 2**20 bytes)
+MAX_QUEUE = 32  # requests waiting for the model; more are refused ("queue is full") rather than piled up
 REFRESH_S = 0.05  # the shortest time between two updates of a streaming answer
 WAITING = "Waiting for the model…"  # until this session's turn in the queue comes
 MODEL_SLOT = "model"  # concurrency id shared by every event that runs the model
@@ -281,7 +282,7 @@ def launch(
     Blocks stops it.
     """
     demo = app.build()
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
     demo.launch(
         server_name=host,
         server_port=port,
