@@ -9,10 +9,13 @@ from transformers import DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 
 from deepseek_vl2.models.configuration import DeepseekV2Config
+import deepseek_vl2.models.language as language
 from deepseek_vl2.models.language import (
+    DeepseekV2Cache,
     DeepseekV2Experts,
     DeepseekV2ForCausalLM,
     DeepseekV2RMSNorm,
+    attend_one_query,
     expert_weight_conversions,
     positions_from_mask,
 )
@@ -334,13 +337,15 @@ def test_transformers_experts_implementations_match(experts):
         torch.testing.assert_close(other(ids).logits, eager(ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_class", [DynamicCache, DeepseekV2Cache])
 @pytest.mark.parametrize("name", ["mha_gqa_bias", "mla_q_lora_yarn", "base_like_noaux_tc"])
-def test_incremental_decoding_matches_full_forward(name):
+def test_incremental_decoding_matches_full_forward(name, cache_class, monkeypatch):
+    monkeypatch.setattr(language, "CACHE_BLOCK", 3)  # our cache's buffers then grow on most steps
     model = make_model(**CONFIGS[name])
     ids = random_ids(2, 11)
     with torch.no_grad():
         full = model(ids).logits
-        cache = DynamicCache(config=model.config)
+        cache = cache_class(config=model.config)
         pieces = [model(ids[:, :4], cache=cache).logits, model(ids[:, 4:7], cache=cache).logits]  # chunked prefill
         pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(7, 11)]  # one token at a time
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
@@ -355,6 +360,105 @@ def test_mla_cache_holds_compressed_latent():
     latent, k_rope = cache.layers[0].keys, cache.layers[0].values
     assert latent.shape == (2, 1, 5, model.config.kv_lora_rank)
     assert k_rope.shape == (2, 1, 5, model.config.qk_rope_head_dim)
+
+
+def test_default_cache_appends_in_place_and_masks_its_spare_room():
+    model = make_model(use_mla=False)
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        expected = model(ids).logits
+        out = model(ids[:, :5])
+        layer = out.cache.layers[0]
+        assert isinstance(out.cache, DeepseekV2Cache) and out.cache.get_seq_length() == 5
+        assert layer.keys.shape[-2] == 5, "a prefill holds just what it wrote"
+        steps = [model(ids[:, 5:6], cache=out.cache).logits]
+        buffer = layer.keys
+        assert buffer.shape[-2] == language.CACHE_BLOCK and buffer[..., 6:, :].abs().sum() == 0
+        steps += [model(ids[:, t : t + 1], cache=out.cache).logits for t in range(6, 9)]
+        assert layer.keys.data_ptr() == buffer.data_ptr(), "a decode step must not reallocate the cache"
+        torch.testing.assert_close(torch.cat(steps, dim=1), expected[:, 5:], rtol=0, atol=1e-5)
+        out.cache.crop(-2)
+        assert out.cache.get_seq_length() == 7
+        again = model(ids[:, 7:9], cache=out.cache).logits
+        torch.testing.assert_close(again, expected[:, 7:], rtol=0, atol=1e-5)
+
+
+def test_generate_uses_our_cache_and_beam_search_reorders_it():
+    model = make_model(**CONFIGS["mla"])
+    model.generation_config.pad_token_id = PAD
+    ids = random_ids(2, 5)
+    kwargs = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, num_beams=3)
+    ours = model.generate(ids, return_dict_in_generate=True, **kwargs)
+    assert isinstance(ours.cache, DeepseekV2Cache)
+    plain = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
+    assert torch.equal(ours.sequences, plain)
+
+
+def test_mla_default_cache_holds_compressed_latent():
+    model = make_model()
+    with torch.no_grad():
+        cache = model(random_ids(2, 5)).cache
+    latent, k_rope = cache.layers[0].keys, cache.layers[0].values
+    assert latent.shape == (2, 1, 5, model.config.kv_lora_rank)
+    assert k_rope.shape == (2, 1, 5, model.config.qk_rope_head_dim)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_one_query_attention_equals_sdpa(kv_heads, mask_kind):
+    g = torch.Generator().manual_seed(kv_heads)
+    query = torch.randn(2, 4, 1, 16, generator=g)
+    key, value = torch.randn(2, kv_heads, 9, 16, generator=g), torch.randn(2, kv_heads, 9, 12, generator=g)
+    mask = torch.rand(2, 1, 1, 9, generator=g) > 0.3
+    mask[..., -1] = True
+    mask = {"none": None, "bool": mask, "additive": torch.zeros(mask.shape).masked_fill(~mask, -1e9)}[mask_kind]
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.3, enable_gqa=kv_heads < 4)
+    split = [10, 6]  # the score as a sum over parts of the features, as MLA's latent and roped parts
+    parts = attend_one_query(query.split(split, -1), key.split(split, -1), value, mask, 0.3)
+    torch.testing.assert_close(parts, expected, rtol=0, atol=1e-5)
+
+
+def test_one_token_cpu_forward_runs_on_native_gemv_and_restores_onednn(monkeypatch):
+    model = make_model(**CONFIGS["mha_gqa_bias"])
+    seen = []
+    original = model.lm_head.forward
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: seen.append(torch.backends.mkldnn.enabled) or original(x))
+    cache = DeepseekV2Cache(config=model.config)
+    with torch.no_grad():
+        model(random_ids(2, 4), cache=cache)  # prefill: oneDNN
+        model(random_ids(2, 1), cache=cache)  # two rows: oneDNN
+        model(random_ids(1, 3))
+        model(random_ids(1, 1))  # one token: native
+    assert seen == [True, True, True, False]
+    assert torch.backends.mkldnn.enabled
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: 1 / 0)
+    with pytest.raises(ZeroDivisionError), torch.no_grad():
+        model(random_ids(1, 1))
+    assert torch.backends.mkldnn.enabled, "restored after an error too"
+
+
+@pytest.mark.parametrize("name", ["mha_gqa_bias", "base_like_noaux_tc"])
+def test_bf16_one_token_decode_is_as_close_to_float32_as_the_plain_path(name, monkeypatch):
+    exact = make_model(**CONFIGS[name])
+    model = make_model(**CONFIGS[name]).to(torch.bfloat16)
+    ids = random_ids(1, 8)
+
+    def last_token_logits(cache):
+        with torch.no_grad():
+            model(ids[:, :7], cache=cache)
+            return model(ids[:, 7:], cache=cache).logits.float()
+
+    with torch.no_grad():
+        expected = exact(ids).logits[:, 7:]
+    fast = last_token_logits(DeepseekV2Cache(config=model.config))
+    monkeypatch.setattr(language, "native_gemv_for_one_token", lambda *args: language.nullcontext())
+    monkeypatch.setattr(
+        language, "attend_one_query", lambda q, k, v, m, s: language.sdpa(torch.cat(q, -1), torch.cat(k, -1), v, m, s)
+    )
+    plain = last_token_logits(DynamicCache(config=model.config))
+    plain_error = (plain - expected).abs().max()
+    assert 0 < plain_error < 0.1  # bfloat16 rounding, for scale
+    torch.testing.assert_close(fast, expected, rtol=0, atol=2 * plain_error.item())
 
 
 def test_latent_space_attention_equals_expanded():
@@ -512,7 +616,7 @@ def make_experts(seed=0):
     return config, experts
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("tokens", [1, 5, 40])  # pair by pair (3 and 15 pairs), sorted segments (120 pairs)
 def test_experts_equal_per_expert_loop(tokens):
     config, experts = make_experts()
     g = torch.Generator().manual_seed(tokens)
@@ -522,6 +626,18 @@ def test_experts_equal_per_expert_loop(tokens):
     expected = ref_moe_loop(config, experts.gate_up_proj.detach(), experts.down_proj.detach(), x, index, weights)
     with torch.no_grad():
         torch.testing.assert_close(experts(x, index, weights), expected, rtol=0, atol=1e-5)
+        pairs = experts._run_gathered(x, index).view(tokens, 3, -1)  # the accelerator path, run here on CPU
+        torch.testing.assert_close((pairs * weights.unsqueeze(-1)).sum(1), expected, rtol=0, atol=1e-5)
+        segments = experts._run_sorted(x, index, weights)
+        torch.testing.assert_close(segments, expected, rtol=0, atol=1e-5)
+
+
+def test_experts_on_cpu_read_weights_in_place(monkeypatch):
+    config, experts = make_experts()
+    monkeypatch.setattr(DeepseekV2Experts, "_run_gathered", lambda *args: 1 / 0)
+    x, index = torch.randn(4, config.hidden_size), torch.randint(0, 8, (4, 3))
+    with torch.no_grad():
+        experts(x, index, torch.rand(4, 3))
 
 
 def count_host_syncs(monkeypatch):
@@ -537,13 +653,14 @@ def count_host_syncs(monkeypatch):
     return calls
 
 
-def test_experts_decode_step_has_no_host_sync(monkeypatch):
+def test_experts_decode_step_on_an_accelerator_has_no_host_sync(monkeypatch):
     config, experts = make_experts()
-    x, index, weights = torch.randn(2, config.hidden_size), torch.tensor([[0, 3, 5], [5, 6, 7]]), torch.rand(2, 3)
+    experts.to("meta")  # not a CPU: the accelerator path (a meta tensor cannot be read on the host either)
+    x, index, weights = (t.to("meta") for t in (torch.randn(2, 64), torch.tensor([[0, 3, 5], [5, 6, 7]]), torch.rand(2, 3)))
     calls = count_host_syncs(monkeypatch)
     with torch.no_grad():
-        experts(x, index, weights)
-    assert calls == []
+        out = experts(x, index, weights)
+    assert calls == [] and out.shape == (2, config.hidden_size)
 
 
 def test_experts_prefill_has_one_host_sync(monkeypatch):

@@ -9,6 +9,8 @@ stored stacked per layer so that they run without a host sync per expert.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
@@ -29,9 +31,14 @@ from .configuration import DeepseekV2Config
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-# Up to this many (token, expert) pairs the eager experts forward gathers the selected experts' weights
-# (no host sync, good for decoding); beyond it, copying weights costs more than one sync per layer.
+# Spare room, in tokens, that a cache buffer grows by: one reallocation per this many decode steps.
+CACHE_BLOCK = 256
+# Up to this many (token, expert) pairs the eager experts forward runs pair by pair (decoding a few
+# sequences). On an accelerator it gathers the selected experts' weights (no host sync); beyond this,
+# copying weights costs more than one sync per layer. On CPU it reads them in place, with one matrix-vector
+# product per pair, which beats one small matrix product per expert up to a few rows per expert.
 MAX_GATHERED_EXPERTS = 16
+MAX_PAIRS_IN_PLACE = 32
 
 
 def expert_weight_conversions() -> list[WeightConverter]:
@@ -48,6 +55,111 @@ def expert_weight_conversions() -> list[WeightConverter]:
             operations=[MergeModulelist(dim=0)],
         ),
     ]
+
+
+class BufferedLayer(DynamicLayer):
+    """A cache layer that appends in place, into buffers with spare room.
+
+    ``DynamicLayer`` concatenates, which copies the whole cache on every decode step (for tiny's plain
+    attention at a 1.5k-token prompt, ~180 MB per token on top of 1.15 GB of weights); and oneDNN matmuls
+    copy any view into a larger buffer before reading it. Here ``keys``/``values`` are buffers that a
+    prefill sizes to what it wrote and decoding grows ``CACHE_BLOCK`` positions at a time, zero where
+    nothing was written yet. A one-token step attends over the whole buffers, the unwritten tail masked as
+    future positions (``get_mask_sizes`` says so, as for ``StaticLayer``); longer steps get views of the
+    filled part, which keeps SDPA's causal fast path for prefill.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() > 1 else 0
+
+    def _capacity_for(self, query_length: int) -> int:
+        end = self.length + query_length
+        if end <= self.capacity:
+            return self.capacity
+        return (end // CACHE_BLOCK + 1) * CACHE_BLOCK if query_length == 1 else end
+
+    def _room_for(self, buffer: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        capacity = self._capacity_for(new.shape[-2])
+        if buffer.dim() == new.dim() and buffer.shape[:-2] == new.shape[:-2] and buffer.shape[-2] == capacity:
+            return buffer
+        grown = new.new_zeros((*new.shape[:-2], capacity, new.shape[-1]))
+        if self.length:
+            grown[..., : self.length, :].copy_(buffer[..., : self.length, :])
+        return grown
+
+    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        self.keys, self.values = self._room_for(self.keys, key_states), self._room_for(self.values, value_states)
+        self.keys[..., start:end, :].copy_(key_states)
+        self.values[..., start:end, :].copy_(value_states)
+        self.length = end
+        visible = self.capacity if key_states.shape[-2] == 1 else end
+        return self.keys[..., :visible, :], self.values[..., :visible, :]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return (self._capacity_for(1) if query_length == 1 else self.length + query_length), 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self.length = max(self.length + tokens_to_remove, 0)
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+
+
+class DeepseekV2Cache(DynamicCache):
+    """The decoder's default cache: a ``DynamicCache`` made of :class:`BufferedLayer` layers."""
+
+    def __init__(self, config=None, offloading: bool = False, offload_only_non_sliding: bool = False):
+        super().__init__(config=config, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
+        self.layers = [BufferedLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+        if self.layer_class_to_replicate is DynamicLayer:
+            self.layer_class_to_replicate = BufferedLayer
+
+
+class DeepseekV2GenerationMixin(GenerationMixin):
+    """``GenerationMixin`` that generates with a :class:`DeepseekV2Cache` where it would create a ``DynamicCache``."""
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            config = self.config.get_text_config(decoder=True)
+            model_kwargs["cache"] = DeepseekV2Cache(config=config, offloading=cache.offloading)
+
+
+@contextmanager
+def onednn_matmuls(enabled: bool) -> Iterator[None]:
+    """Turn oneDNN (MKL-DNN) matmuls on or off for a block, process-wide, restoring the setting after."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+def native_gemv_for_one_token(num_tokens: int, device: torch.device):
+    """While decoding one token on CPU, run the linear layers on PyTorch's own GEMV instead of oneDNN.
+
+    With a single row, oneDNN's bf16 matmul streams the weights at about a third of the memory bandwidth;
+    PyTorch's native GEMV reaches nearly all of it (10 vs 29 GB/s for the LM head on a 2-core AVX-512-BF16
+    machine), and decoding one token is nothing but streaming weights. oneDNN stays on for anything wider,
+    where it is the faster one.
+    """
+    return onednn_matmuls(False) if num_tokens == 1 and device.type == "cpu" else nullcontext()
 
 
 class DeepseekV2RMSNorm(nn.Module):
@@ -138,21 +250,18 @@ class DeepseekV2RotaryEmbedding(nn.Module):
         return inv_freq / factor * ramp + inv_freq * (1.0 - ramp)
 
     def forward(self, position_ids: torch.Tensor, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(cos, sin) of shape [batch, seq, dim] for integer ``position_ids`` [batch, seq]."""
-        freqs = position_ids[..., None].float() * self.inverse_frequencies(seq_len, position_ids.device)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
+        """(cos, signed sin) of shape [batch, 1, seq, dim] for integer ``position_ids`` [batch, seq].
+
+        The sin table's first half is negated, so that rotating needs only a roll (see ``apply_rotary``).
+        """
+        freqs = position_ids[:, None, :, None].float() * self.inverse_frequencies(seq_len, position_ids.device)
+        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [batch, heads, seq, dim] by per-position (cos, sin) [batch, seq, dim]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of ``x`` [batch, heads, seq, dim]: ``x cos + (-x2, x1) sin``, as ``x cos + (x2, x1) signed_sin``."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def interleaved_to_half(x: torch.Tensor) -> torch.Tensor:
@@ -160,25 +269,52 @@ def interleaved_to_half(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
 
 
-def repeat_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Share each key/value head among ``num_heads // x.shape[1]`` query heads (a view for a single head)."""
-    if x.shape[1] == 1:
-        return x.expand(-1, num_heads, -1, -1)
-    return x.repeat_interleave(num_heads // x.shape[1], dim=1)
-
-
 def sdpa(query, key, value, attention_mask, scale, dropout_p=0.0) -> torch.Tensor:
-    """SDPA with a boolean/additive mask, or causal when no mask was needed; key/value may have fewer heads."""
-    num_heads = query.shape[1]
+    """SDPA with a boolean/additive mask, or causal when no mask was needed.
+
+    Key and value may have fewer heads than the query (grouped heads, MLA's single latent head): SDPA
+    shares them across query heads itself instead of us copying the cache once per head.
+    """
     return F.scaled_dot_product_attention(
         query,
-        repeat_kv_heads(key, num_heads),
-        repeat_kv_heads(value, num_heads),
+        key,
+        value,
         attn_mask=attention_mask,
         dropout_p=dropout_p,
         is_causal=attention_mask is None and query.shape[2] > 1,
         scale=scale,
+        enable_gqa=key.shape[1] != query.shape[1],
     )
+
+
+def attend_one_query(queries, keys, value, attention_mask, scale) -> torch.Tensor:
+    """Attention of one query position as two matmuls around a float32 softmax (the original's eager math).
+
+    CPU SDPA kernels are tiled for many queries; for a single one they run several times slower than this
+    (1.6 ms vs 0.45 ms for tiny's 10 heads over 1,400 cached bf16 keys and values, which stay in place).
+    ``queries`` ([b, heads, 1, d_i]) and ``keys`` ([b, kv_heads, n, d_i]) are matching parts of the query and
+    key features whose dot products add up, so that MLA's latent and roped parts need no concatenated copy
+    of the cache; query heads sharing a key/value head attend as rows of one matmul.
+    """
+    batch, heads = queries[0].shape[:2]
+    kv_heads = keys[0].shape[1]
+    group = heads // kv_heads
+    scores = None
+    # On CPU in bf16, PyTorch's GEMV scores one query row per key head ~1.5x faster than oneDNN, which is
+    # faster for several rows and for the probabilities x values product (~7x).
+    with onednn_matmuls(group > 1):
+        for query, key in zip(queries, keys):
+            part = torch.matmul(query.reshape(batch, kv_heads, group, -1) * scale, key.transpose(-1, -2))
+            scores = part if scores is None else scores + part
+    scores = scores.view(batch, heads, 1, -1)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    probs = scores.float().softmax(dim=-1).to(value.dtype).view(batch, kv_heads, group, -1)
+    with onednn_matmuls(True):
+        output = torch.matmul(probs, value)
+    return output.view(batch, heads, 1, -1)
 
 
 class DeepseekV2MultiHeadAttention(nn.Module):
@@ -215,8 +351,11 @@ class DeepseekV2MultiHeadAttention(nn.Module):
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        dropout = self.attention_dropout if self.training else 0.0
-        output = sdpa(query, key, value, attention_mask, self.scaling, dropout)
+        if seq_len == 1 and query.device.type == "cpu" and not self.training:
+            output = attend_one_query((query,), (key,), value, attention_mask, self.scaling)
+        else:
+            dropout = self.attention_dropout if self.training else 0.0
+            output = sdpa(query, key, value, attention_mask, self.scaling, dropout)
         return self.o_proj(output.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -275,7 +414,9 @@ class DeepseekV2LatentAttention(nn.Module):
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
 
-        attend = self.attend_in_latent_space if seq_len == 1 else self.attend_expanded
+        # An offloaded kv_b_proj (accelerate's disk/CPU offload) has its weight only inside its own forward.
+        absorb = seq_len == 1 and not self.kv_b_proj.weight.is_meta
+        attend = self.attend_in_latent_space if absorb else self.attend_expanded
         output = attend(q_nope, q_rope, latent, k_rope, attention_mask)
         return self.o_proj(output.transpose(1, 2).reshape(batch, seq_len, -1))
 
@@ -293,10 +434,15 @@ class DeepseekV2LatentAttention(nn.Module):
         """The same attention with ``kv_b_proj`` absorbed: q_nope.W_k scores the latent, W_v maps the result."""
         kv_b = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_key, w_value = kv_b.split([self.nope_dim, self.v_dim], dim=1)
-        query = torch.cat((torch.matmul(q_nope, w_key), q_rope), dim=-1)  # [batch, heads, seq, rank + rope]
-        key = torch.cat((latent, k_rope), dim=-1)  # [batch, 1, kv_len, rank + rope]
-        dropout = self.attention_dropout if self.training else 0.0
-        output = sdpa(query, key, latent, attention_mask, self.scaling, dropout)
+        with onednn_matmuls(True):  # a [1, n] x [n, r] product per head: oneDNN's strength (see attend_one_query)
+            q_latent = torch.matmul(q_nope, w_key)  # [batch, heads, seq, rank]
+        if q_latent.shape[2] == 1 and q_latent.device.type == "cpu" and not self.training:
+            output = attend_one_query((q_latent, q_rope), (latent, k_rope), latent, attention_mask, self.scaling)
+        else:
+            query = torch.cat((q_latent, q_rope), dim=-1)  # [batch, heads, seq, rank + rope]
+            key = torch.cat((latent, k_rope), dim=-1)  # [batch, 1, kv_len, rank + rope]
+            dropout = self.attention_dropout if self.training else 0.0
+            output = sdpa(query, key, latent, attention_mask, self.scaling, dropout)
         return torch.matmul(output, w_value.transpose(1, 2))
 
 
@@ -377,37 +523,62 @@ class DeepseekV2Experts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        """[tokens, hidden] routed by ``top_k_index``/``top_k_weights`` [tokens, top_k] -> [tokens, hidden]."""
-        if top_k_index.numel() <= MAX_GATHERED_EXPERTS:
-            expert_outputs = self._run_gathered(hidden_states, top_k_index)
+        """[tokens, hidden] routed by ``top_k_index``/``top_k_weights`` [tokens, top_k] -> [tokens, hidden].
+
+        Many pairs (prefill) run expert by expert on the sorted pairs. Few pairs (decode) on an accelerator
+        gather their experts' weights, as a host sync would stall the queue; on CPU there is no queue to
+        drain, while copying weights would triple a decode step's memory traffic, so each pair reads its
+        expert's weights in place.
+        """
+        on_cpu = hidden_states.device.type == "cpu"
+        if top_k_index.numel() > (MAX_PAIRS_IN_PLACE if on_cpu else MAX_GATHERED_EXPERTS):
+            return self._run_sorted(hidden_states, top_k_index, top_k_weights)
+        if on_cpu:
+            with onednn_matmuls(False):  # one-row products: PyTorch's GEMV (see native_gemv_for_one_token)
+                expert_outputs = self._run_each(hidden_states, top_k_index)
         else:
-            expert_outputs = self._run_sorted(hidden_states, top_k_index)
-        # Weighted sum in the routing weights' float32, as the original.
-        weighted = expert_outputs.view(*top_k_index.shape, -1).to(top_k_weights.dtype) * top_k_weights.unsqueeze(-1)
+            expert_outputs = self._run_gathered(hidden_states, top_k_index)
+        # Weighted sum in the routing weights' float32, as the original (the multiply does the upcast).
+        weighted = expert_outputs.view(*top_k_index.shape, -1) * top_k_weights.unsqueeze(-1)
         return weighted.sum(dim=1).to(hidden_states.dtype)
 
+    def _run_each(self, hidden_states, top_k_index) -> torch.Tensor:
+        """Each (token, expert) pair through its expert's weights where they lie (one cheap host read on CPU)."""
+        outputs = []
+        for token, experts in zip(hidden_states, top_k_index.tolist()):
+            for expert in experts:
+                gate, up = F.linear(token, self.gate_up_proj[expert]).chunk(2, dim=-1)
+                outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+        return torch.stack(outputs)
+
     def _run_gathered(self, hidden_states, top_k_index) -> torch.Tensor:
-        """Few tokens: gather each pair's expert weights and use batched matmuls (no host sync)."""
+        """Gather each pair's expert weights and use batched matmuls (no host sync)."""
         expert_ids = top_k_index.reshape(-1)
         tokens = hidden_states.repeat_interleave(top_k_index.shape[1], dim=0).unsqueeze(-1)
         gate, up = torch.bmm(self.gate_up_proj[expert_ids], tokens).squeeze(-1).chunk(2, dim=-1)
         return torch.bmm(self.down_proj[expert_ids], (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
 
-    def _run_sorted(self, hidden_states, top_k_index) -> torch.Tensor:
-        """Many tokens: sort (token, expert) pairs by expert and run each hit expert once on its segment."""
-        expert_ids = top_k_index.reshape(-1)
-        order = expert_ids.argsort()
-        tokens = hidden_states[order // top_k_index.shape[1]]
-        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()  # the one host sync
-        outputs = torch.empty_like(tokens)
+    def _run_sorted(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """Sort (token, expert) pairs by expert, run each hit expert once on its segment (one host sync).
+
+        Each segment's output is weighted straight into float32; the sum over a token's experts then runs
+        in the original's order (slot by slot).
+        """
+        top_k = top_k_index.shape[1]
+        order = top_k_index.reshape(-1).argsort()
+        tokens = hidden_states[order // top_k]
+        weights = top_k_weights.reshape(-1, 1)[order]
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # the host sync
+        weighted = torch.empty(tokens.shape, dtype=weights.dtype, device=tokens.device)
         start = 0
         for expert, count in enumerate(counts):
             if count:
                 segment = slice(start, start + count)
                 gate, up = F.linear(tokens[segment], self.gate_up_proj[expert]).chunk(2, dim=-1)
-                outputs[segment] = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+                torch.mul(F.linear(self.act_fn(gate) * up, self.down_proj[expert]), weights[segment], out=weighted[segment])
                 start += count
-        return torch.empty_like(outputs).index_copy_(0, order, outputs)
+        in_slot_order = torch.empty_like(weighted).index_copy_(0, order, weighted)
+        return in_slot_order.view(*top_k_index.shape, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 class DeepseekV2MoE(nn.Module):
@@ -451,6 +622,14 @@ class DeepseekV2PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["DeepseekV2DecoderLayer"]
     _supports_sdpa = True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Our own experts forward (``"eager"``) unless another is asked for.
+
+        It picks per device and token count; transformers' ``grouped_mm`` default loops over all experts for
+        every decoded token on CPU.
+        """
+        return super().get_correct_experts_implementation(requested_experts or "eager")
 
     def _init_weights(self, module):
         super()._init_weights(module)  # linears, embeddings (normal), RMSNorms (ones)
@@ -504,7 +683,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = DeepseekV2Cache(config=self.config)
 
         seq_len = inputs_embeds.shape[1]
         past_len = cache.get_seq_length() if cache is not None else 0
@@ -513,12 +692,15 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
                 position_ids = positions_from_mask(attention_mask, seq_len)
             else:
                 position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device).unsqueeze(0)
+        # Keys beyond the past and new tokens (a BufferedLayer's spare room) must be masked explicitly.
+        kv_length = cache.get_mask_sizes(seq_len, 0)[0] if cache is not None else seq_len
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
             position_ids=position_ids,
+            allow_is_causal_skip=kv_length == past_len + seq_len,
         )
         position_embeddings = self.rotary_emb(position_ids, past_len + seq_len, inputs_embeds.dtype)
 
@@ -528,7 +710,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
-class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
+class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin):
     """The decoder with its LM head; generates through transformers' ``GenerationMixin``."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -565,15 +747,18 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits in the model dtype, for the last ``logits_to_keep`` positions only (0 keeps all)."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-        )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        tokens = input_ids if inputs_embeds is None else inputs_embeds
+        num_tokens = tokens.shape[:2].numel() if tokens is not None else 0
+        with native_gemv_for_one_token(num_tokens, self.lm_head.weight.device):
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+            )
+            logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -581,8 +766,11 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "BufferedLayer",
+    "DeepseekV2Cache",
     "DeepseekV2Experts",
     "DeepseekV2ForCausalLM",
+    "DeepseekV2GenerationMixin",
     "DeepseekV2Model",
     "DeepseekV2PreTrainedModel",
     "DeepseekV2RMSNorm",

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ..utils.checkpoint import check_checkpoint_location
 from .configuration import DeepseekVLV2Config
-from .language import DeepseekV2ForCausalLM
+from .language import DeepseekV2Cache, DeepseekV2ForCausalLM, DeepseekV2GenerationMixin
 from .projector import MlpProjector
 from .vision import VisionTransformer
 
@@ -30,7 +30,9 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
     config: DeepseekVLV2Config
     base_model_prefix = "deepseek_vl_v2"
     main_input_name = "input_ids"
-    _no_split_modules = ["VisionBlock", "DeepseekV2DecoderLayer"]
+    # The whole vision tower stays on one device: it comes first in the model, so device_map="auto" puts it
+    # with the projector, image_newline/view_seperator and the token embeddings.
+    _no_split_modules = ["VisionTransformer", "DeepseekV2DecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
@@ -71,7 +73,7 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
-class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
+class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationMixin):
     """Vision tower, projector and decoder; generates text through transformers' ``generate``."""
 
     def __init__(self, config: DeepseekVLV2Config):
@@ -105,7 +107,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
             local = tile_features[start + 1 : start + 1 + width_tiles * height_tiles]
             local = local.view(height_tiles, width_tiles, side, side, dim).permute(0, 2, 1, 3, 4)
             local_view = self._with_newlines(local.reshape(height_tiles * side, width_tiles * side, dim))
-            separator = self.view_seperator[None].to(tile_features.dtype)
+            separator = self.view_seperator[None].to(tile_features)
             if self.config.global_view_pos == "head":
                 runs += [global_view, separator, local_view]
             else:
@@ -115,7 +117,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
 
     def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
         rows = grid.shape[0]
-        newline = self.image_newline.to(grid.dtype).expand(rows, 1, -1)
+        newline = self.image_newline.to(grid).expand(rows, 1, -1)
         return torch.cat([grid, newline], dim=1).flatten(0, 1)
 
     @staticmethod
@@ -159,7 +161,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
             if n:
                 runs.append(self._image_runs(tile_features[start : start + n], row))
             start += n
-        features = torch.cat(runs).to(embeddings.dtype)
+        features = torch.cat(runs).to(embeddings)
         mask = images_seq_mask.to(device=embeddings.device, dtype=torch.bool)
         if int(mask.sum()) != features.shape[0]:
             raise ValueError(
@@ -227,7 +229,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
         images_spatial_crop: torch.Tensor | None = None,
         chunk_size: int = 1024,
         **unused,
-    ) -> tuple[torch.Tensor, DynamicCache]:
+    ) -> tuple[torch.Tensor, DeepseekV2Cache]:
         """Prefill all but the last prompt token in chunks of ``chunk_size`` tokens to bound peak memory.
 
         Returns ``(inputs_embeds, cache)``; pass both (with ``input_ids`` and ``attention_mask``) to
@@ -246,7 +248,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
         attention_mask = attention_mask.to(inputs_embeds.device)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.config.language_config)
+        cache = DeepseekV2Cache(config=self.config.language_config)
         decoder = self.language.model
         for start in range(0, length - 1, chunk_size):
             end = min(start + chunk_size, length - 1)
