@@ -345,6 +345,7 @@ class Probe:
     vision_start: float = 0.0
     vision_end: float = 0.0
     vision_peak: int = 0
+    prefill_start: int = 0
     prefill_peak: int = 0
     decoding: bool = False
     routes: list = field(default_factory=list)
@@ -368,6 +369,7 @@ class Probe:
         self.vision_end = time.perf_counter()
         self.vision_peak = self.memory.peak()
         self.memory.reset()
+        self.prefill_start = self.memory.current()
 
     def _route_recorder(self, layer_index: int):
         def record(module, args, output):
@@ -404,8 +406,8 @@ def run(model, processor, inputs, args, device, chunk_size: int | None, machine:
     if not inputs.images_spatial_crop.any():
         image_inputs = {}
     sync(device)
-    baseline = memory.current()
     memory.reset()
+    baseline = probe.prefill_start = memory.current()
     load.start()
     start = time.perf_counter()
     try:
@@ -458,7 +460,7 @@ def run(model, processor, inputs, args, device, chunk_size: int | None, machine:
         "baseline_memory_gb": baseline / GIB,
         "vision_peak_gb": probe.vision_peak / GIB if tiles else None,
         "prefill_peak_gb": probe.prefill_peak / GIB,
-        "prefill_extra_gb": (probe.prefill_peak - baseline) / GIB,
+        "prefill_extra_gb": (probe.prefill_peak - probe.prefill_start) / GIB,
         "decode_peak_gb": decode_peak / GIB,
         "peak_gb": max(probe.vision_peak, probe.prefill_peak, decode_peak) / GIB,
         "other_processes_cpu": others,
