@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
     parser.add_argument("--dtype", help="bf16 (default), fp16 or fp32")
+    parser.add_argument(
+        "--delete_cache", nargs=2, type=int, metavar=("EVERY_S", "AGE_S"),
+        help="every EVERY_S seconds, delete uploads and overlays older than AGE_S seconds "
+        "(default: 3600 86400, hourly, those older than a day)",
+    )  # fmt: skip
     return parser
 
 
@@ -47,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --model_name (or --local_path) for a real model, or --demo, not both")
     if args.chunk_size == 0 or args.chunk_size < -1:
         parser.error(f"--chunk_size must be a positive number of tokens, or -1 for one pass; got {args.chunk_size}")
+    if args.delete_cache and min(args.delete_cache) <= 0:
+        every_s, age_s = args.delete_cache
+        parser.error(f"--delete_cache takes two positive numbers of seconds; got {every_s} {age_s}")
     try:
         import gradio  # noqa: F401  (only to say clearly what is missing)
     except ImportError:
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.share:
         logging.warning("--share: anyone with the link can use this model and see what is uploaded")
-    app = ChatApp(chat, model_name=model_name, notice=notice, examples_dir=IMAGES_DIR)
+    cache_policy = {"delete_cache": tuple(args.delete_cache)} if args.delete_cache else {}
+    app = ChatApp(chat, model_name=model_name, notice=notice, examples_dir=IMAGES_DIR, **cache_policy)
     launch(app, host=args.host, port=args.port, share=args.share, root_path=args.root_path)
     return 0
 

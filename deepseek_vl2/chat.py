@@ -23,14 +23,10 @@ from transformers.generation.streamers import BaseStreamer
 
 from .grounding import GroundingResult, clean_answer, parse_grounding
 from .models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from .utils.dtypes import parse_dtype
 from .utils.io import load_image
 
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}  # fmt: skip
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -48,15 +44,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 def pick_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
     """bfloat16 unless told otherwise (the weights are published in bfloat16)."""
-    if dtype is None:
-        return torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported: use bfloat16, float16 or float32")
-        return dtype
-    if not isinstance(dtype, str) or dtype.lower() not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[dtype.lower()]
+    return torch.bfloat16 if dtype is None else parse_dtype(dtype)
 
 
 @dataclass

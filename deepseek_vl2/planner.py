@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -30,12 +29,9 @@ import torch
 from .models.configuration import DeepseekV2Config, DeepseekVLV2Config
 from .models.language import CACHE_BLOCK
 from .models.processing import MAX_IMAGES_WITH_TILING, DeepseekVLV2Processor, select_best_resolution
+from .utils.checkpoint import looks_like_hub_id
+from .utils.dtypes import parse_dtype
 
-DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32,
-}  # fmt: skip
 FLOAT32 = 4  # RMSNorm statistics, router scores and the expert mix are float32 whatever the model dtype
 INT64 = 8
 # Chunk sizes tried for incremental prefilling, largest (fastest) first.
@@ -45,7 +41,6 @@ RUNTIME_OVERHEAD = 1 << 30
 # CPU's math SDPA kernel, used when the value head is narrower than the query head (MLA), holds scores and
 # probabilities of every head in float32 plus a workspace: 2.4 x heads x queries x keys x 4 bytes (measured).
 MATH_SDPA_SCORES = 2.4
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -57,7 +52,7 @@ def load_config(model: str | os.PathLike) -> DeepseekVLV2Config:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        if not HUB_ID.fullmatch(str(model)) or path.suffix == ".json":
+        if not looks_like_hub_id(model) or path.suffix == ".json":
             raise ValueError(f"no config.json at {str(model)!r}")
         from huggingface_hub import hf_hub_download
 
@@ -68,14 +63,6 @@ def load_config(model: str | os.PathLike) -> DeepseekVLV2Config:
         found = config.get("model_type") if isinstance(config, dict) else None
         raise ValueError(f"{path} is not a DeepSeek-VL2 config.json (model_type {found!r}, expected 'deepseek_vl_v2')")
     return DeepseekVLV2Config.from_dict(config)
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def parse_bytes(size: str | int) -> int:

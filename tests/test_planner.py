@@ -330,5 +330,51 @@ def test_hub_ids_download_only_config_json(published_config_file, monkeypatch):
     assert plan.model == "deepseek-ai/deepseek-vl2-small"
 
 
+
+@pytest.mark.parametrize("name", ["bf16", "BF16", "bfloat16", "fp16", "half", "float16", "fp32", "float", "Float32"])
+def test_planner_and_chat_take_the_same_dtype_names(published_config_file, name):
+    from deepseek_vl2.chat import pick_dtype
+
+    plan = plan_memory(published_config_file("tiny"), "80GiB", dtype=name)
+    assert plan.dtype == str(pick_dtype(name)).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("dtype", ["int3", "float8", torch.float64, torch.int8])
+def test_planner_and_chat_refuse_the_same_dtypes(published_config_file, dtype):
+    from deepseek_vl2.chat import pick_dtype
+
+    with pytest.raises(ValueError, match="dtype"):
+        pick_dtype(dtype)
+    with pytest.raises(ValueError, match="dtype"):
+        plan_memory(published_config_file("tiny"), "80GiB", dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "name, is_hub_id",
+    [("deepseek-ai/deepseek-vl2-small", True), ("org/model.v2_b", True), ("./small", False), ("../small", False),
+     ("~/small", False), ("/abs/small", False), ("a/b/c", False), ("my org/small", False), ("C:/small", False),
+     ("org/", False), ("org\\small", False)],
+)  # fmt: skip
+def test_planner_and_loaders_agree_on_what_is_a_hub_id(tmp_path, monkeypatch, name, is_hub_id):
+    import huggingface_hub
+
+    from deepseek_vl2.utils.checkpoint import check_checkpoint_location
+
+    class Downloaded(Exception):
+        pass
+
+    def fake_download(repo_id, filename, **kwargs):
+        raise Downloaded(repo_id)
+
+    monkeypatch.chdir(tmp_path)  # no such local paths
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(Downloaded if is_hub_id else ValueError):
+        load_config(name)
+    if is_hub_id:
+        check_checkpoint_location(name)  # left to the hub client
+    else:
+        with pytest.raises(FileNotFoundError, match="not a hub id"):
+            check_checkpoint_location(name)
+
 if __name__ == "__main__":
     print(json.dumps(_measure(sys.argv[1])))

@@ -535,6 +535,42 @@ def test_image_token_count_formula(processor):
     assert processor.num_image_tokens_for(3, 2) == side * (side + 1) + 1 + (2 * side) * (3 * side + 1)
 
 
+@pytest.mark.parametrize(
+    "conversation, sizes, system",
+    [
+        ([user("Hi")], [], ""),
+        ([user("Hi"), assistant("Hello!"), user("And you?")], [], "Be brief."),
+        ([user("<image>\nWhat is this?")], [(1400, 300)], ""),
+        ([user("<image>\nWhat is this?")], [(300, 1400)], "Be brief."),
+        ([user("<image> and <image>"), assistant("Two."), user("Which is wider?")], [(640, 480), (20, 900)], ""),
+        ([user("<image> and <image>"), assistant("Two."), user("Now <image>")], [(640, 480), (20, 900), (2000, 700)],
+         "Look closely."),
+        ([{"role": "system", "content": "Be brief."}, user("<image>" * 3)], [(5, 5), (1024, 1024), (3000, 400)], ""),
+    ],
+)  # fmt: skip
+def test_count_tokens_matches_processing_without_tiling_any_image(processor, monkeypatch, conversation, sizes, system):
+    images = [noise_image(width, height, seed) for seed, (width, height) in enumerate(sizes)]
+    processed = processor(conversations=conversation, images=images, system_prompt=system)
+    training = processor.process_one(conversation, images, inference_mode=False, system_prompt=system)
+
+    def no_pixels(*args, **kwargs):
+        raise AssertionError("count_tokens must not resize or normalise images")
+
+    monkeypatch.setattr(processor, "tile_image", no_pixels)
+    monkeypatch.setattr(processor, "_to_tensor", no_pixels)
+    assert processor.count_tokens(conversation, images, system_prompt=system) == len(processed.input_ids[0])
+    assert processor.count_tokens(conversation, images, inference_mode=False, system_prompt=system) == len(
+        training.input_ids
+    )
+
+
+def test_count_tokens_rejects_what_processing_rejects(processor):
+    with pytest.raises(ValueError, match=r"2 <image> placeholder\(s\) but 1 image\(s\)"):
+        processor.count_tokens([user("<image><image>")], [noise_image(5, 5)])
+    with pytest.raises(ValueError, match="too thin"):
+        processor.count_tokens([user("<image>")], [noise_image(1, 800)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading images
 

@@ -88,6 +88,37 @@ def test_fit_history_counts_image_tokens_and_rejects_a_turn_that_cannot_fit(chec
         fit_history(processor, [], big, max_new_tokens=600, context_tokens=600)
 
 
+def test_fit_history_counts_from_image_sizes_as_full_processing_would(checkpoint_dir, monkeypatch):
+    from deepseek_vl2.models import DeepseekVLV2Processor
+
+    processor = DeepseekVLV2Processor.from_pretrained(checkpoint_dir("tiny"))
+    names = ["street.png", "chart.png", "shapes.png", "document.png", "shelf.png"]
+    turns = [answered_turn(f"Question {i}?", IMAGES / name, f"Answer {i}. " * 5) for i, name in enumerate(names)]
+    history = model_history(turns)
+    message = user_message(Turn("And now?", [str(IMAGES / "street.png")]))
+
+    def processed_tokens(messages):  # how fit_history counted before: every image tiled and normalised
+        return len(processor(conversations=messages, images=load_pil_images(messages)).input_ids[0])
+
+    candidates = [processed_tokens([*history[2 * dropped :], message]) for dropped in range(len(names) + 1)]
+    assert candidates != sorted(candidates, reverse=True)  # with 2 images or fewer they are tiled again
+
+    def no_pixels(*args, **kwargs):
+        raise AssertionError("fit_history must not resize or normalise images")
+
+    monkeypatch.setattr(processor, "tile_image", no_pixels)
+    max_new = 32
+    for limit in sorted({tokens + max_new + extra for tokens in candidates for extra in (-1, 0)}):
+        fits = [dropped for dropped, tokens in enumerate(candidates) if tokens + max_new <= limit]
+        if not fits:
+            with pytest.raises(ContextTooLongError):
+                fit_history(processor, history, message, max_new_tokens=max_new, context_tokens=limit)
+            continue
+        fitted = fit_history(processor, history, message, max_new_tokens=max_new, context_tokens=limit)
+        assert (fitted.dropped_turns, fitted.prompt_tokens) == (fits[0], candidates[fits[0]])
+        assert fitted.history == history[2 * fits[0] :]
+
+
 # -- session: what the page shows ----------------------------------------------------------------
 
 
@@ -279,6 +310,46 @@ def test_buttons_change_the_session_in_place_and_refuse_while_answering(tiny_cha
     assert session == [] and turns is session
 
 
+@needs_gradio
+def test_an_unreadable_or_deleted_upload_is_named_as_uploaded_never_by_its_server_path(tiny_chat, tmp_path):
+    from deepseek_vl2.web.app import ChatApp
+
+    cache = tmp_path / "gradio" / "5f3c9a0e"  # Gradio keeps each upload, under its own name, in a folder of its own
+    cache.mkdir(parents=True)
+    notes, photo = cache / "holiday notes.png", cache / "beach.png"
+    notes.write_text("not a picture")
+    shutil.copy(IMAGES / "street.png", photo)
+
+    def answer(text: str, files: list[Path]) -> tuple[str, str]:
+        app.add_message({"text": text, "files": [str(path) for path in files]}, turns)
+        *_, (shown, _, status) = app.respond(turns, 0.9, 0.4, 1.1, 2, 4096)
+        return shown[-1]["content"], status
+
+    app, turns = ChatApp(tiny_chat, model_name="t"), []
+    shown, status = answer("What is this?", [notes])
+    assert "the image 'holiday notes.png' could not be read" in shown and status == "The message was not accepted."
+    assert str(tmp_path) not in shown
+
+    app.clear(turns)
+    answer("Describe it.", [photo])
+    assert turns[0].answered
+    photo.unlink()  # the cache policy deleted the upload; the chat still refers to it
+    shown, status = answer("And now?", [])
+    assert "the image 'beach.png' is no longer on the server" in shown and "Clear" in shown
+    assert str(tmp_path) not in shown and status == "The message was not accepted."
+
+
+@needs_gradio
+def test_the_page_deletes_old_uploads_hourly_unless_told_otherwise(tiny_chat):
+    from deepseek_vl2.web.app import ChatApp
+
+    assert ChatApp(tiny_chat, model_name="t").build().delete_cache == (3600, 86400)
+    assert ChatApp(tiny_chat, model_name="t", delete_cache=(60, 600)).build().delete_cache == (60, 600)
+    for bad in [(0, 600), (60,), 3600, (60.0, 600), (True, 600), None]:
+        with pytest.raises(ValueError, match="delete_cache must be two positive whole numbers"):
+            ChatApp(tiny_chat, model_name="t", delete_cache=bad)
+
+
 # -- the script -----------------------------------------------------------------------------------
 
 
@@ -294,6 +365,22 @@ def test_flags_default_to_localhost_without_a_share_link():
     assert (args.host, args.share, args.port, args.chunk_size) == ("127.0.0.1", False, 37913, -1)
     with pytest.raises(SystemExit):
         load_web_demo().main(["--demo", "--model_name", "x"])
+
+
+@needs_gradio
+def test_the_cache_policy_flag_reaches_the_page(tiny_chat, monkeypatch):
+    import deepseek_vl2.web.app as web_app
+
+    pages = []
+    monkeypatch.setattr(DeepseekVL2Chat, "from_pretrained", lambda *args, **kwargs: tiny_chat)
+    monkeypatch.setattr(web_app, "launch", lambda app, **kwargs: pages.append(app))
+    web_demo = load_web_demo()
+    assert web_demo.main(["--model_name", "org/model", "--delete_cache", "60", "600"]) == 0
+    assert web_demo.main(["--model_name", "org/model"]) == 0
+    assert [page.delete_cache for page in pages] == [(60, 600), (3600, 86400)]
+    with pytest.raises(SystemExit):
+        web_demo.main(["--model_name", "org/model", "--delete_cache", "0", "600"])
+    assert len(pages) == 2
 
 
 def test_without_gradio_the_library_imports_and_the_script_says_what_to_install():

@@ -442,14 +442,17 @@ def test_an_upload_over_the_limit_is_refused_and_a_normal_image_is_accepted(serv
     (stored,) = json.loads(body)
     assert Path(stored).read_bytes() == street
 
-    # under the limit but not an image: refused in the chat, with the reason; the session goes on
+    # under the limit but not an image: refused in the chat, named as uploaded (never by its path on the
+    # server), with the reason; the session goes on
     fake = tmp_path / "photo.png"
     fake.write_bytes(b"this is no picture")
     client = Client(server.url, verbose=False, download_files=False)
     try:
         chat, _, status = converse(client, "What is this?", [fake])
         assert status == "The message was not accepted."
-        assert texts(chat[-1])[0].startswith("**Error:** Cannot answer this message: not an image file")
+        error = texts(chat[-1])[0]
+        assert error.startswith("**Error:** Cannot answer this message: the image 'photo.png' could not be read")
+        assert "not an image" in error and str(Path(stored).parents[1]) not in error  # the upload folder
         chat, _, status = converse(client, "Then this one.", [IMAGES / "shapes.png"])
         assert "tokens/s" in status and texts(chat[-1])
     finally:

@@ -220,20 +220,26 @@ class DeepseekVLV2Processor(ProcessorMixin):
         local_views = (num_height_tiles * side) * (num_width_tiles * side + 1)
         return global_view + 1 + local_views
 
+    def tile_grid(self, image_size: tuple[int, int], cropping: bool = True) -> tuple[int, int]:
+        """The local views' tile grid (width, height) for an image of ``image_size`` (width, height).
+
+        Without ``cropping`` the local view is a single 384x384 tile.
+        """
+        if not cropping:
+            return 1, 1
+        best_width, best_height = select_best_resolution(image_size, self.candidate_resolutions)
+        return best_width // self.image_size, best_height // self.image_size
+
     def tile_image(self, image: Image.Image, cropping: bool = True) -> tuple[torch.Tensor, tuple[int, int]]:
         """The global view and the local tiles (row by row) of one image, and the tile grid (width, height).
 
         Without ``cropping`` the local view is a single 384x384 tile.
         """
         size = self.image_size
-        if cropping:
-            best_width, best_height = select_best_resolution(image.size, self.candidate_resolutions)
-        else:
-            best_width, best_height = size, size
+        grid_width, grid_height = self.tile_grid(image.size, cropping)
         fill = tuple(int(mean * 255) for mean in self.image_mean)
         global_view = self._to_tensor(ImageOps.pad(image, (size, size), color=fill))
-        local_view = self._to_tensor(ImageOps.pad(image, (best_width, best_height), color=fill))
-        grid_width, grid_height = best_width // size, best_height // size
+        local_view = self._to_tensor(ImageOps.pad(image, (grid_width * size, grid_height * size), color=fill))
         local_tiles = (
             local_view.reshape(3, grid_height, size, grid_width, size)
             .permute(1, 3, 0, 2, 4)
@@ -264,6 +270,7 @@ class DeepseekVLV2Processor(ProcessorMixin):
         """Tokenize one conversation and tile its images (see ``__call__``)."""
         conversation = Conversation.from_messages(conversations, system_prompt)
         images = self._check_images(conversation, images)
+        images = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
         cropping = len(images) <= MAX_IMAGES_WITH_TILING
         if not cropping:
             logger.info(
@@ -271,10 +278,63 @@ class DeepseekVLV2Processor(ProcessorMixin):
                 "without tiling (as the model was trained)",
                 len(images), self.image_size, self.image_size,
             )  # fmt: skip
+        tiled = [self.tile_image(image, cropping) for image in images]
+        grids = [grid for _, grid in tiled]
+        input_ids, image_mask, prompt_mask = self._token_layout(conversation, grids)
 
+        input_ids = torch.tensor(input_ids, dtype=torch.long)
+        image_mask = torch.tensor(image_mask, dtype=torch.bool)
+        labels = input_ids.clone()
+        labels[image_mask] = self.ignore_id
+        if self.mask_prompt:
+            labels[torch.tensor(prompt_mask)] = self.ignore_id
+        if inference_mode:  # drop the EOS of the last (assistant) turn: the model answers from there
+            input_ids, labels, image_mask = input_ids[:-1], labels[:-1], image_mask[:-1]
+
+        if tiled:
+            pixels = torch.cat([tiles for tiles, _ in tiled])
+            spatial_crop = torch.tensor(grids, dtype=torch.long)
+        else:
+            pixels = torch.zeros(1, 3, self.image_size, self.image_size)
+            spatial_crop = torch.zeros(1, 2, dtype=torch.long)
+        return ProcessedConversation(
+            sft_format=conversation.get_prompt(),
+            input_ids=input_ids,
+            labels=labels,
+            images=pixels,
+            images_seq_mask=image_mask,
+            images_spatial_crop=spatial_crop,
+            num_image_tokens=[self.num_image_tokens_for(*grid) for grid in grids],
+        )
+
+    def count_tokens(
+        self,
+        conversations: Sequence[Mapping],
+        images: Sequence[Image.Image] | None = None,
+        inference_mode: bool = True,
+        system_prompt: str = "",
+    ) -> int:
+        """How many tokens ``process_one`` would give, read from the images' sizes alone.
+
+        Much cheaper than processing: no image is resized or normalised, so fitting a long chat into
+        the context can try many candidate histories. Same arguments and errors as ``process_one``.
+        """
+        conversation = Conversation.from_messages(conversations, system_prompt)
+        images = self._check_images(conversation, images)
+        cropping = len(images) <= MAX_IMAGES_WITH_TILING
+        input_ids, _, _ = self._token_layout(conversation, [self.tile_grid(image.size, cropping) for image in images])
+        return len(input_ids) - 1 if inference_mode else len(input_ids)
+
+    def _token_layout(
+        self, conversation: Conversation, grids: Sequence[tuple[int, int]]
+    ) -> tuple[list[int], list[bool], list[bool]]:
+        """Token ids, image mask and prompt mask of a whole conversation (final EOS included).
+
+        ``grids`` holds each image's tile grid, in placeholder order; an image takes
+        ``num_image_tokens_for(*grid)`` tokens.
+        """
         input_ids, image_mask, prompt_mask = [self.tokenizer.bos_token_id], [False], [False]
-        tiles, crops, num_image_tokens = [], [], []
-        remaining_images = iter(images)
+        remaining_grids = iter(grids)
         for index, (role, text) in enumerate(conversation.turns):
             if role == ASSISTANT:
                 ids = self._encode(text) + [self.tokenizer.eos_token_id]
@@ -286,45 +346,17 @@ class DeepseekVLV2Processor(ProcessorMixin):
             start = len(input_ids)
             for position, piece in enumerate(prompt.split(self.image_token)):
                 if position > 0:
-                    image_tiles, grid = self.tile_image(next(remaining_images), cropping)
-                    count = self.num_image_tokens_for(*grid)
-                    tiles.append(image_tiles)
-                    crops.append(grid)
-                    num_image_tokens.append(count)
+                    count = self.num_image_tokens_for(*next(remaining_grids))
                     input_ids += [self.image_token_id] * count
                     image_mask += [True] * count
                 ids = self._encode(piece)
                 input_ids += ids
                 image_mask += [False] * len(ids)
             prompt_mask += [True] * (len(input_ids) - start)
-
-        input_ids = torch.tensor(input_ids, dtype=torch.long)
-        image_mask = torch.tensor(image_mask, dtype=torch.bool)
-        labels = input_ids.clone()
-        labels[image_mask] = self.ignore_id
-        if self.mask_prompt:
-            labels[torch.tensor(prompt_mask)] = self.ignore_id
-        if inference_mode:  # drop the EOS of the last (assistant) turn: the model answers from there
-            input_ids, labels, image_mask = input_ids[:-1], labels[:-1], image_mask[:-1]
-
-        if tiles:
-            pixels = torch.cat(tiles)
-            spatial_crop = torch.tensor(crops, dtype=torch.long)
-        else:
-            pixels = torch.zeros(1, 3, self.image_size, self.image_size)
-            spatial_crop = torch.zeros(1, 2, dtype=torch.long)
-        return ProcessedConversation(
-            sft_format=conversation.get_prompt(),
-            input_ids=input_ids,
-            labels=labels,
-            images=pixels,
-            images_seq_mask=image_mask,
-            images_spatial_crop=spatial_crop,
-            num_image_tokens=num_image_tokens,
-        )
+        return input_ids, image_mask, prompt_mask
 
     def _check_images(self, conversation: Conversation, images: Sequence[Image.Image] | None) -> list[Image.Image]:
-        """The images as RGB, after checking that they match the conversation's placeholders."""
+        """The images as a list, after checking that they match the conversation's placeholders."""
         if self.image_token in conversation.system:
             raise ValueError(f"the system text contains {self.image_token}; images belong in user turns")
         placeholders = 0
@@ -353,7 +385,7 @@ class DeepseekVLV2Processor(ProcessorMixin):
                 f"the conversation has {placeholders} {self.image_token} placeholder(s) "
                 f"but {len(images)} image(s) were given"
             )
-        return [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+        return list(images)
 
     def __call__(
         self,

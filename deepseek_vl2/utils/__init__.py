@@ -1,1 +1,1 @@
-"""Utilities around the models: image loading."""
+"""Utilities around the models: image loading, checkpoint locations, dtype names."""

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+# owner/name, each of letters, digits, "_", "-" and "."; a leading "." (./, ../), "/" or "~" is a local path
+HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
+
+
+def looks_like_hub_id(name_or_path: str | os.PathLike) -> bool:
+    """Whether ``name_or_path`` is shaped like a hub id (``org/name``) rather than a local path."""
+    return HUB_ID.fullmatch(os.fspath(name_or_path)) is not None
 
 
 def check_checkpoint_location(name_or_path: str | os.PathLike) -> None:
@@ -15,6 +24,5 @@ def check_checkpoint_location(name_or_path: str | os.PathLike) -> None:
     text = os.fspath(name_or_path)
     if Path(text).expanduser().exists():
         return
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and "\\" not in text
-    if not looks_like_hub_id:
+    if not looks_like_hub_id(text):
         raise FileNotFoundError(f"checkpoint folder not found: {text} (and it is not a hub id like org/name)")

@@ -26,6 +26,7 @@ from .session import (
     dropped_note,
     model_history,
     overlay_images,
+    read_uploads,
     status_line,
     turn_gallery,
     user_message,
@@ -38,6 +39,9 @@ MAX_QUEUE = 32  # requests waiting for the model; more are refused ("queue is fu
 REFRESH_S = 0.05  # the shortest time between two updates of a streaming answer
 WAITING = "Waiting for the model…"  # until this session's turn in the queue comes
 MODEL_SLOT = "model"  # concurrency id shared by every event that runs the model
+# Gradio keeps every upload and overlay for good unless told otherwise: every CACHE_CHECK_S seconds,
+# delete those older than CACHE_MAX_AGE_S, and all when the server stops (the examples stay).
+CACHE_CHECK_S, CACHE_MAX_AGE_S = 3600, 86400
 
 # (image files in images/, prompt): grounding, grounded conversation, chart and document
 # questions, and two images at once.
@@ -69,11 +73,20 @@ class ChatApp:
         model_name: str,
         notice: str | None = None,
         examples_dir: str | Path | None = None,
+        delete_cache: tuple[int, int] = (CACHE_CHECK_S, CACHE_MAX_AGE_S),
     ):
+        """``delete_cache`` is (check every N seconds, delete files older than M seconds), as Gradio takes it."""
+        if not (
+            isinstance(delete_cache, (tuple, list))
+            and len(delete_cache) == 2
+            and all(type(seconds) is int and seconds > 0 for seconds in delete_cache)
+        ):
+            raise ValueError(f"delete_cache must be two positive whole numbers of seconds, got {delete_cache!r}")
         self.chat = chat
         self.model_name = model_name
         self.notice = notice
         self.examples_dir = Path(examples_dir) if examples_dir is not None else None
+        self.delete_cache = tuple(delete_cache)
         self.model_context = chat.context_length
 
     # -- handlers (plain methods, so tests can call them without a server) -------------------------
@@ -129,9 +142,8 @@ class ChatApp:
                 repetition_penalty=float(repetition_penalty),
             )
             limit = context_limit(self.model_context, int(max_context_tokens))
-            fitted = fit_history(
-                self.chat.processor, model_history(turns[:-1]), user_message(turn), settings.max_new_tokens, limit
-            )
+            *history, message = read_uploads([*model_history(turns[:-1]), user_message(turn)])
+            fitted = fit_history(self.chat.processor, history, message, settings.max_new_tokens, limit)
             note = ""
             if fitted.dropped_turns:
                 note = dropped_note(fitted.dropped_turns)
@@ -140,7 +152,7 @@ class ChatApp:
             yield chat_messages(turns), turn_gallery(turns), generating
 
             result, shown_at = None, time.perf_counter()
-            stream = self.chat.stream(turn.prompt, images=turn.images, history=fitted.history, settings=settings)
+            stream = self.chat.stream(turn.prompt, images=message["images"], history=fitted.history, settings=settings)
             try:
                 for piece in stream:
                     if turn.stop_requested:
@@ -205,7 +217,7 @@ class ChatApp:
         return found
 
     def build(self) -> gr.Blocks:
-        with gr.Blocks(title="DeepSeek-VL2 chat", analytics_enabled=False) as demo:
+        with gr.Blocks(title="DeepSeek-VL2 chat", analytics_enabled=False, delete_cache=self.delete_cache) as demo:
             gr.Markdown(f"# DeepSeek-VL2 chat\nModel: `{self.model_name}` on `{self.chat.device}`")
             if self.notice:
                 gr.Markdown(f"**{self.notice}**", elem_id="demo-notice")

@@ -3,7 +3,8 @@
 Tokens are counted by the processor on the very conversation the model will see, so image tokens
 are counted exactly, including the switch to untiled images when a conversation holds more than two
 images (which is why dropping a turn can *add* tokens, and why every candidate is counted rather
-than estimated).
+than estimated). Counting reads only the images' sizes (``DeepseekVLV2Processor.count_tokens``), so
+trying every candidate never resizes an image.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def context_limit(model_context: int, user_limit: int | None = None) -> int:
 def count_prompt_tokens(processor: DeepseekVLV2Processor, messages: Sequence[Mapping]) -> int:
     """Tokens the model reads for ``messages`` (ending with the user turn to answer), images included."""
     images = [load_image(image) for message in messages for image in message.get("images", [])]
-    return len(processor.process_one(list(messages), images).input_ids)
+    return processor.count_tokens(list(messages), images)
 
 
 def fit_history(
@@ -66,7 +67,8 @@ def fit_history(
     *history_loaded, message_loaded = loaded
     turns = len(history) // 2
     for dropped in range(turns + 1):
-        tokens = count_prompt_tokens(processor, [*history_loaded[2 * dropped :], message_loaded])
+        candidate = [*history_loaded[2 * dropped :], message_loaded]
+        tokens = processor.count_tokens(candidate, [image for m in candidate for image in m["images"]])
         if tokens + max_new_tokens <= context_tokens:
             return FittedPrompt([dict(m) for m in history[2 * dropped :]], dropped, tokens)
     raise ContextTooLongError(
@@ -77,11 +79,12 @@ def fit_history(
 
 
 def _with_loaded_images(messages: Sequence[Mapping]) -> list[dict]:
+    """The messages with every image upright RGB, as the chat will see it; a file used twice is read once."""
     cache: dict[str, Image.Image] = {}
 
     def load(image: str | os.PathLike | Image.Image) -> Image.Image:
         if isinstance(image, Image.Image):
-            return image
+            return load_image(image)
         key = os.fspath(image)
         if key not in cache:
             cache[key] = load_image(key)

@@ -8,11 +8,13 @@ tested without a server.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
 from ..chat import ASSISTANT, USER, ChatResult
 from ..grounding import clean_answer, draw_on_images
+from ..utils.io import load_image
 
 IMAGE_TOKEN = "<image>"
 
@@ -56,6 +58,29 @@ def model_history(turns: list[Turn]) -> list[dict]:
 
 def user_message(turn: Turn) -> dict:
     return {"role": USER, "content": turn.prompt, "images": list(turn.images)}
+
+
+def read_uploads(messages: list[dict]) -> list[dict]:
+    """The messages with their uploaded images read (upright RGB), as the model takes them."""
+    return [{**message, "images": [read_upload(path) for path in message.get("images", [])]} for message in messages]
+
+
+def read_upload(path: str) -> Image.Image:
+    """One uploaded image. Its errors (ValueError) name the file as the user named it.
+
+    The page shows these errors, so they never say where the file lies on the server. Gradio keeps
+    each upload under its original file name, in a folder of its own.
+    """
+    name = Path(path).name
+    shown = f"the image {name!r}" if name else "the uploaded image"
+    try:
+        return load_image(path)
+    except FileNotFoundError as error:
+        raise ValueError(
+            f"{shown} is no longer on the server (old uploads are deleted): press Clear and attach it again"
+        ) from error
+    except ValueError as error:
+        raise ValueError(f"{shown} could not be read: it is not an image, is damaged or has too many pixels") from error
 
 
 def chat_messages(turns: list[Turn]) -> list[dict]:
