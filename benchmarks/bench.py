@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from published_configs import VARIANTS, published_config  # noqa: E402
 
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor  # noqa: E402
-from deepseek_vl2.models.language import DeepseekV2Experts, DeepseekV2MLP, DeepseekV2MoE, DeepseekV2MoEGate  # noqa: E402
+from deepseek_vl2.models.language import DeepseekV2MoE  # noqa: E402
 from deepseek_vl2.testing.checkpoints import CANDIDATE_RESOLUTIONS  # noqa: E402
 from deepseek_vl2.testing.tokenizer import build_tokenizer  # noqa: E402
 
@@ -159,6 +160,39 @@ class PeakMemory:
         raise RuntimeError(f"/proc/self/status has no {key}")
 
 
+def peak_tensor_bytes(fn, device: torch.device) -> int:
+    """Peak bytes of tensors that ``fn`` allocates and holds at once (exact, unlike RSS, which keeps freed heap).
+
+    On CPU from the profiler's allocation records, op by op; on CUDA from the caching allocator's peak.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        return torch.cuda.max_memory_allocated(device) - start
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn()
+    live = peak = 0
+    for event in sorted((e for e in profiler.events() if e.cpu_parent is None), key=lambda e: e.time_range.start):
+        live += event.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@torch.no_grad()
+def prefill_memory(model, embeds: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int, device) -> dict:
+    """Peak tensor memory of the decoder prefill, KV cache included, whole vs in chunks (an untimed pass)."""
+    result = {}
+    for label, chunk in (("whole", embeds.shape[1]), ("chunked", chunk_size)):
+
+        def prefill(chunk=chunk):
+            model.incremental_prefilling(inputs_embeds=embeds, attention_mask=attention_mask, chunk_size=chunk)
+
+        result[f"{label}_gb"] = peak_tensor_bytes(prefill, device) / GIB
+    result["reduction"] = 1 - result["chunked_gb"] / result["whole_gb"]
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- the model
 
 
@@ -228,7 +262,7 @@ def vision_flops_per_tile(model: DeepseekVLV2ForCausalLM) -> float:
     attention = 2 * 2 * patches**2 * config.width * len(vision.blocks)  # QK^T and PV
     patch_embed = vision.patch_embed.proj.weight.numel()
     ratio = model.config.projector_config.downsample_ratio
-    projected = -(-config.num_patches_per_side // ratio) ** 2
+    projected = math.ceil(config.num_patches_per_side / ratio) ** 2  # the projector pads the grid up
     return 2 * patches * (blocks + patch_embed) + attention + 2 * projected * linear_parameters(model.projector)
 
 
@@ -309,7 +343,11 @@ def workload(processor: DeepseekVLV2Processor, name: str, batch: int, text_token
             text = ["Describe this image in detail.", "What is in the picture?", "Read the text in the image.",
                     "Count the objects in the image."][row % 4]  # fmt: skip
         elif name == "three_images":
-            images = [picture(1024, 768, seed=10 * row), picture(768, 1024, seed=10 * row + 1), picture(640, 480, seed=10 * row + 2)]
+            images = [
+                picture(1024, 768, seed=10 * row),
+                picture(768, 1024, seed=10 * row + 1),
+                picture(640, 480, seed=10 * row + 2),
+            ]
             text = "Compare these three images."
         elif name == "text":
             images, text = [], long_text(processor, text_tokens + 3 * row, offset=7 * row)
@@ -338,7 +376,7 @@ class StepClock(LogitsProcessor):
 
 @dataclass
 class Probe:
-    """Hooks that time the vision tower and record which experts each decode step used."""
+    """Hooks that time the vision tower, track peak memory per phase and record the experts each decode step used."""
 
     device: torch.device
     memory: PeakMemory
@@ -349,6 +387,7 @@ class Probe:
     prefill_peak: int = 0
     decoding: bool = False
     routes: list = field(default_factory=list)
+    embeds: torch.Tensor | None = None
 
     def attach(self, model: DeepseekVLV2ForCausalLM) -> list:
         handles = [
@@ -391,7 +430,8 @@ class Probe:
 
 
 @torch.no_grad()
-def run(model, processor, inputs, args, device, chunk_size: int | None, machine: dict) -> dict:
+def run(model, processor, inputs, args, device, chunk_size: int | None, machine: dict):
+    """Generate ``args.new_tokens`` tokens for ``inputs``: (figures, prompt embeddings of a chunked run or None)."""
     memory, load = PeakMemory(device), OtherLoad()
     probe = Probe(device, memory)
     handles = probe.attach(model)
@@ -415,12 +455,15 @@ def run(model, processor, inputs, args, device, chunk_size: int | None, machine:
             embeds, cache = model.incremental_prefilling(
                 input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, chunk_size=chunk_size, **image_inputs
             )
+            probe.embeds = embeds
             model.generate(
                 input_ids=inputs.input_ids, inputs_embeds=embeds, attention_mask=inputs.attention_mask, cache=cache,
                 **generation,
             )  # fmt: skip
         else:
-            model.generate(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, **image_inputs, **generation)
+            model.generate(
+                input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, **image_inputs, **generation
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -464,7 +507,7 @@ def run(model, processor, inputs, args, device, chunk_size: int | None, machine:
         "decode_peak_gb": decode_peak / GIB,
         "peak_gb": max(probe.vision_peak, probe.prefill_peak, decode_peak) / GIB,
         "other_processes_cpu": others,
-    }
+    }, probe.embeds
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -502,7 +545,9 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variant", choices=VARIANTS, default="tiny")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the variant's)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
@@ -510,10 +555,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 4])
-    parser.add_argument("--chunk_size", type=int, default=None, help="also run incremental prefilling in chunks of this size")
+    parser.add_argument(
+        "--chunk_size", type=int, default=None, help="also run incremental prefilling in chunks of this size"
+    )
     parser.add_argument("--new_tokens", type=int, default=32, help="tokens generated per run (at least 2)")
     parser.add_argument("--text_tokens", type=int, default=218, help="prompt length of the text workload")
-    parser.add_argument("--output", type=Path, default=None, help="JSON file (default: benchmarks/results-<variant>-<device>-<dtype>.json)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON file (default: benchmarks/results-<variant>-<device>-<dtype>.json)",
+    )
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new_tokens must be at least 2 (one prefill step and one decode step)")
@@ -556,14 +608,28 @@ def main(argv=None) -> dict:
         flavor = "small" if args.variant == "small" else "tiny"
         processor = DeepseekVLV2Processor(build_tokenizer(folder, flavor), candidate_resolutions=CANDIDATE_RESOLUTIONS)
 
-    rows = []
+    # One untimed pass through vision, prefill and decode first: one-time allocations and kernel set-up
+    # would otherwise land in the first workload's figures.
+    small = processor(conversations=chat("Hello.", 1), images=[picture(384, 384, seed=0)], force_batchify=True)
+    run(model, processor, small, argparse.Namespace(**{**vars(args), "new_tokens": 2}), device, None, machine)
+
+    rows, memory_passes = [], []
     for name in args.workloads:
         for batch in args.batch_sizes:
             inputs = workload(processor, name, batch, args.text_tokens)
             for chunk in [None] + ([args.chunk_size] if args.chunk_size else []):
-                result = {"workload": name, **run(model, processor, inputs, args, device, chunk, machine)}
-                rows.append(result)
-                print(table([result]).split("\n", 2)[-1], flush=True)
+                result, embeds = run(model, processor, inputs, args, device, chunk, machine)
+                rows.append({"workload": name, **result})
+                print(table([rows[-1]]).split("\n", 2)[-1], flush=True)
+                if embeds is not None:
+                    memory_passes.append((name, batch, embeds, inputs.attention_mask.to(device)))
+
+    prefill_memory_rows = []
+    for name, batch, embeds, mask in memory_passes:
+        prefill_memory_rows.append(
+            {"workload": name, "batch": batch, "chunk_size": args.chunk_size,
+             **prefill_memory(model, embeds, mask, args.chunk_size, device)}
+        )  # fmt: skip
 
     report = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -576,9 +642,13 @@ def main(argv=None) -> dict:
             "load_s": load_seconds,
         },
         "results": rows,
+        "prefill_memory": prefill_memory_rows,
     }
     print()
     print(table(rows))
+    for row in prefill_memory_rows:
+        print(f"decoder prefill tensor peak, {row['workload']} x{row['batch']}: whole {row['whole_gb'] * 1024:.0f} MB, "
+              f"chunks of {row['chunk_size']} {row['chunked_gb'] * 1024:.0f} MB ({-row['reduction']:+.0%})")  # fmt: skip
     output = args.output or Path(__file__).parent / f"results-{args.variant}-{args.device}-{args.dtype}.json"
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {output}")

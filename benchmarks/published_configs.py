@@ -7,7 +7,13 @@ published 23 candidate resolutions.
 
 from deepseek_vl2.testing.checkpoints import CANDIDATE_RESOLUTIONS
 
-_VISION = {"layers": 27, "mlp_ratio": 3.7362, "model_name": "siglip_so400m_patch14_384", "patch_size": 14, "width": 1152}
+_VISION = {
+    "layers": 27,
+    "mlp_ratio": 3.7362,
+    "model_name": "siglip_so400m_patch14_384",
+    "patch_size": 14,
+    "width": 1152,
+}
 
 _LANGUAGE = {
     "tiny": {

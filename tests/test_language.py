@@ -268,13 +268,18 @@ def ref_moe(config, p, x):
     idx, weight = ref_gate(config, p, flat)
     y = ref_moe_loop(config, p["experts.gate_up_proj"], p["experts.down_proj"], flat, idx, weight).view(b, s, h)
     if config.n_shared_experts:
-        y = y + ref_mlp(config, x, p["shared_experts.gate_proj.weight"], p["shared_experts.up_proj.weight"],
-                        p["shared_experts.down_proj.weight"])
+        y = y + ref_mlp(
+            config,
+            x,
+            p["shared_experts.gate_proj.weight"],
+            p["shared_experts.up_proj.weight"],
+            p["shared_experts.down_proj.weight"],
+        )
     return y
 
 
 def sub_params(state, prefix):
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @torch.no_grad()
@@ -572,8 +577,9 @@ def test_generate_continues_from_caller_prefilled_cache():
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids[:, :5], cache=cache)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=4, do_sample=False,
-                         eos_token_id=None)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=4, do_sample=False, eos_token_id=None
+    )
     assert torch.equal(out, greedy_without_cache(model, ids, 4))
 
 
@@ -656,7 +662,9 @@ def count_host_syncs(monkeypatch):
 def test_experts_decode_step_on_an_accelerator_has_no_host_sync(monkeypatch):
     config, experts = make_experts()
     experts.to("meta")  # not a CPU: the accelerator path (a meta tensor cannot be read on the host either)
-    x, index, weights = (t.to("meta") for t in (torch.randn(2, 64), torch.tensor([[0, 3, 5], [5, 6, 7]]), torch.rand(2, 3)))
+    x, index, weights = (
+        t.to("meta") for t in (torch.randn(2, 64), torch.tensor([[0, 3, 5], [5, 6, 7]]), torch.rand(2, 3))
+    )
     calls = count_host_syncs(monkeypatch)
     with torch.no_grad():
         out = experts(x, index, weights)

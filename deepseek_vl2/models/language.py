@@ -157,7 +157,8 @@ def native_gemv_for_one_token(num_tokens: int, device: torch.device):
     With a single row, oneDNN's bf16 matmul streams the weights at about a third of the memory bandwidth;
     PyTorch's native GEMV reaches nearly all of it (10 vs 29 GB/s for the LM head on a 2-core AVX-512-BF16
     machine), and decoding one token is nothing but streaming weights. oneDNN stays on for anything wider,
-    where it is the faster one.
+    where it is the faster one. The switch is process-wide: a forward running meanwhile in another thread
+    stays correct, only its wider matmuls run slower.
     """
     return onednn_matmuls(False) if num_tokens == 1 and device.type == "cpu" else nullcontext()
 
@@ -575,7 +576,9 @@ class DeepseekV2Experts(nn.Module):
             if count:
                 segment = slice(start, start + count)
                 gate, up = F.linear(tokens[segment], self.gate_up_proj[expert]).chunk(2, dim=-1)
-                torch.mul(F.linear(self.act_fn(gate) * up, self.down_proj[expert]), weights[segment], out=weighted[segment])
+                torch.mul(
+                    F.linear(self.act_fn(gate) * up, self.down_proj[expert]), weights[segment], out=weighted[segment]
+                )
                 start += count
         in_slot_order = torch.empty_like(weighted).index_copy_(0, order, weighted)
         return in_slot_order.view(*top_k_index.shape, -1).sum(dim=1).to(hidden_states.dtype)
