@@ -21,7 +21,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixels).flatten(2).transpose(1, 2)
+        # Contiguous tokens-by-channels: a transposed view here would make every later residual add,
+        # norm and linear of the tower work on (or first copy) a strided layout.
+        return self.proj(pixels).flatten(2).transpose(1, 2).contiguous()
 
 
 class Mlp(nn.Module):
@@ -31,7 +33,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        # In place on fc1's fresh output: a new tensor this size costs more in page faults than the GELU.
+        return self.fc2(torch.ops.aten.gelu_(self.fc1(x), approximate="tanh"))
 
 
 class Attention(nn.Module):
@@ -57,8 +60,9 @@ class VisionBlock(nn.Module):
         self.mlp = Mlp(config.width, config.mlp_hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        # Residuals added into the branch outputs (fresh tensors) rather than into new ones: same sums.
+        x = self.attn(self.norm1(x)).add_(x)
+        return self.mlp(self.norm2(x)).add_(x)
 
 
 class AttentionPoolLatent(nn.Module):
