@@ -201,18 +201,24 @@ def _feed_forward_peak(config: DeepseekV2Config, layer: int, q: int, size: int) 
     intermediate = config.moe_intermediate_size
     pairs = q * config.num_experts_per_tok  # (token, expert) pairs
     busiest = min(q, 2 * pairs // config.n_routed_experts + 1)  # pairs of the busiest expert: twice the mean
-    # ``DeepseekV2Experts._run_sorted``: with the router's ids and weights alive, sort the pairs by expert
-    # (int64 order), gather their tokens, fill an output per pair expert by expert, then unsort it
-    routing = pairs * (INT64 + FLOAT32)
-    dispatch = routing + pairs * INT64 + 3 * pairs * hidden * size
-    one_expert = routing + pairs * INT64 + 2 * pairs * hidden * size + busiest * (4 * intermediate + hidden) * size
-    # the weighted sum in float32: expert outputs, their float32 copy (unless already float32), the products
-    combine = routing + pairs * hidden * (size + FLOAT32 * (1 if size == FLOAT32 else 2))
+    # ``DeepseekV2Experts._run_sorted``: with the router's ids and weights alive, the pairs' order (int64)
+    # and a float32 output per pair; each expert gathers its tokens and writes its weighted outputs. Per
+    # token of the busiest expert, the most alive at once: gate and up with the gathered input, then with
+    # act(gate) and the product, then with the output and its float32 weighted copy.
+    routing = pairs * (INT64 + FLOAT32) + pairs * INT64 + pairs * hidden * FLOAT32
+    per_token = max(
+        (hidden + 2 * intermediate) * size,
+        4 * intermediate * size,
+        (2 * intermediate + hidden) * size + (hidden + 1) * FLOAT32,
+    )
+    one_expert = routing + busiest * (2 * INT64 + per_token)
+    # the weighted sum over each token's experts in float32, then its cast to the model dtype
+    combine = routing + q * hidden * (FLOAT32 + size)
     router = 2 * q * config.n_routed_experts * FLOAT32
     shared = 0
     if config.n_shared_experts:
         shared = q * hidden * size + 3 * q * intermediate * config.n_shared_experts * size
-    return normed + max(router, dispatch, one_expert, combine, shared)
+    return normed + max(router, one_expert, combine, shared)
 
 
 def _cache_capacity(tokens: int) -> int:
@@ -273,8 +279,9 @@ def vision_peak(config: DeepseekVLV2Config, tiles: int, prompt_tokens: int, dtyp
     """Bytes above the loaded model while the images are encoded (``prepare_inputs_embeds``).
 
     The prompt's token embeddings, the float32 pixels (the processor's and the model's gathered copy,
-    cast to the model dtype) and the largest ViT block: its input, the residual, the normed input and
-    the MLP's hidden activations before and after GELU (attention holds less).
+    cast to the model dtype) and the largest ViT block step: attention (input, normed input, q/k/v,
+    its output, reshaped and projected) or the MLP (input, normed input, hidden activations with GELU
+    in place, output).
     """
     if tiles == 0:
         return 0
@@ -282,7 +289,7 @@ def vision_peak(config: DeepseekVLV2Config, tiles: int, prompt_tokens: int, dtyp
     pixels = tiles * 3 * vision.image_size**2
     patches = tiles * vision.num_patches_per_side**2
     width_unit = patches * vision.width * size
-    block = max(8 * width_unit, 3 * width_unit + 2 * patches * vision.mlp_hidden_dim * size)
+    block = max(8 * width_unit, 3 * width_unit + patches * vision.mlp_hidden_dim * size)
     embeddings = prompt_tokens * config.language_config.hidden_size * size
     return embeddings + pixels * (FLOAT32 + size) + block
 

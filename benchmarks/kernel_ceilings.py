@@ -1,0 +1,94 @@
+"""The kernel ceilings behind bench.py's CPU figures: how fast PyTorch's own kernels read weights and attend.
+
+Decode is weight streaming: a one-row product runs on PyTorch's GEMV, a few-row one (batch > 1) on
+oneDNN. This prints the rate at which each reads bf16 weights of the tiny model's shapes (many distinct
+matrices, so that caches do not help), the attention kernels of a one-token step over a 1.4k-token
+cache, and the vision tower's SDPA (head dim 72) against a large matmul.
+
+    python benchmarks/kernel_ceilings.py            # 2 threads, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from deepseek_vl2.models.language import onednn_matmuls
+
+GB = 1e9
+
+
+def seconds(fn, repeats: int = 5) -> float:
+    """Best of ``repeats`` timings after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def weight_streaming(shape: tuple[int, int], rows: int, total_bytes: float = 400e6) -> tuple[float, float]:
+    """GB/s of weights read by (GEMV per row, one oneDNN product) for ``rows`` rows, over cold matrices."""
+    count = max(4, int(total_bytes / (shape[0] * shape[1] * 2)))
+    weights = [torch.randn(shape).to(torch.bfloat16) for _ in range(count)]
+    x = torch.randn(rows, shape[1]).to(torch.bfloat16)
+    size = count * shape[0] * shape[1] * 2
+
+    def gemv_per_row():
+        with onednn_matmuls(False):
+            for weight in weights:
+                for row in x:
+                    F.linear(row, weight)
+
+    def onednn():
+        with onednn_matmuls(True):
+            for weight in weights:
+                F.linear(x, weight)
+
+    return size / seconds(gemv_per_row) / GB, size / seconds(onednn) / GB
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    source = torch.ones(256 * 2**20, dtype=torch.bfloat16)
+    target = torch.empty_like(source)
+    print(f"copy: {2 * source.numel() * 2 / seconds(lambda: target.copy_(source), 10) / GB:.1f} GB/s (read + write)")
+    a, b = torch.randn(4096, 4096).to(torch.bfloat16), torch.randn(4096, 4096).to(torch.bfloat16)
+    matmul = 2 * 4096**3 / seconds(lambda: a @ b, 3)
+    print(f"bf16 matmul 4096^3: {matmul / 1e9:.0f} GFLOP/s\n")
+
+    print("weights read, GB/s        rows   GEMV per row   oneDNN product")
+    for name, shape in [("expert gate+up", (1792, 1280)), ("attention proj", (1280, 1280)), ("LM head", (129280, 1280))]:
+        for rows in (1, 2, 4):
+            gemv, onednn = weight_streaming(shape, rows)
+            print(f"{name:16s} {str(shape):>13s}  {rows:4d}   {gemv:12.1f}   {onednn:14.1f}")
+
+    print("\none-token attention over 1,686 cached positions, 10 heads x 128 (12 layers' caches, cold)")
+    for batch in (1, 4):
+        keys = [torch.randn(batch, 10, 1686, 128).to(torch.bfloat16) for _ in range(12)]
+        query = torch.randn(batch, 10, 1, 128).to(torch.bfloat16)
+        probs = torch.rand(batch, 10, 1, 1686).to(torch.bfloat16)
+        size = 12 * keys[0].numel() * 2
+        for label, enabled in (("GEMV", False), ("oneDNN", True)):
+            with onednn_matmuls(enabled):
+                scores = size / seconds(lambda: [torch.matmul(query, k.transpose(-1, -2)) for k in keys]) / GB
+                mixed = size / seconds(lambda: [torch.matmul(probs, k) for k in keys]) / GB
+            print(f"batch {batch} {label:6s}: q.K^T {scores:5.1f} GB/s   p.V {mixed:5.1f} GB/s")
+
+    q = torch.randn(7, 16, 729, 72).to(torch.bfloat16)
+    attention_flops = 4 * 7 * 16 * 729**2 * 72
+    sdpa = attention_flops / seconds(lambda: F.scaled_dot_product_attention(q, q, q), 3)
+    print(f"\nvision SDPA, 7 tiles x 16 heads x 729 x 72: {sdpa / 1e9:.0f} GFLOP/s ({sdpa / matmul:.0%} of the matmul)")
+
+
+if __name__ == "__main__":
+    main()
