@@ -333,10 +333,43 @@ def test_an_unreadable_or_deleted_upload_is_named_as_uploaded_never_by_its_serve
     app.clear(turns)
     answer("Describe it.", [photo])
     assert turns[0].answered
+    shutil.copy(photo, cache / "again.png")
     photo.unlink()  # the cache policy deleted the upload; the chat still refers to it
     shown, status = answer("And now?", [])
-    assert "the image 'beach.png' is no longer on the server" in shown and "Clear" in shown
+    assert turns[-1].answered and status != "The message was not accepted."  # answered without that turn
+    assert "Generation failed" not in shown
+
+    (cache / "again.png").unlink()  # deleted between attaching and sending
+    shown, status = answer("This one?", [cache / "again.png"])
+    assert "the image 'again.png' is no longer on the server" in shown and "Clear" in shown
     assert str(tmp_path) not in shown and status == "The message was not accepted."
+
+
+@needs_gradio
+def test_turns_whose_uploads_were_deleted_are_left_out_with_a_note(tiny_chat, tmp_path, monkeypatch):
+    from deepseek_vl2.web import app as web_app
+    from deepseek_vl2.web.session import Turn, turns_with_uploads
+
+    kept_image, gone_image = tmp_path / "kept.png", tmp_path / "gone.png"
+    for path in (kept_image, gone_image):
+        shutil.copy(IMAGES / "street.png", path)
+    turns = [Turn(text="a", images=[str(gone_image)], answer="A", done=True),
+             Turn(text="b", images=[str(kept_image)], answer="B", done=True),
+             Turn(text="c", images=[str(gone_image)], answer="C", done=True)]  # fmt: skip
+    gone_image.unlink()
+    kept, deleted = turns_with_uploads(turns)
+    assert kept == [turns[1]] and deleted == 2
+
+    warnings, seen = [], []
+    monkeypatch.setattr(web_app.gr, "Warning", warnings.append)
+    chat = web_app.ChatApp(tiny_chat, model_name="t")
+    original_stream = chat.chat.stream
+    monkeypatch.setattr(chat.chat, "stream", lambda *a, **k: seen.append(k["history"]) or original_stream(*a, **k))
+    chat.add_message({"text": "d", "files": []}, turns)
+    *_, (_, _, status) = chat.respond(turns, 0.9, 0.4, 1.1, 2, 4096)
+    assert turns[-1].answered
+    assert [m["content"] for m in seen[0]] == [turns[1].prompt, "B"]
+    assert warnings == ["2 earlier turns were left out: their images have been deleted from the server."]
 
 
 @needs_gradio

@@ -23,12 +23,14 @@ from .context import context_limit, fit_history
 from .session import (
     Turn,
     chat_messages,
+    deleted_note,
     dropped_note,
     model_history,
     overlay_images,
     read_uploads,
     status_line,
     turn_gallery,
+    turns_with_uploads,
     user_message,
 )
 
@@ -142,11 +144,14 @@ class ChatApp:
                 repetition_penalty=float(repetition_penalty),
             )
             limit = context_limit(self.model_context, int(max_context_tokens))
-            *history, message = read_uploads([*model_history(turns[:-1]), user_message(turn)])
+            earlier, deleted = turns_with_uploads(turns[:-1])
+            *history, message = read_uploads([*model_history(earlier), user_message(turn)])
             fitted = fit_history(self.chat.processor, history, message, settings.max_new_tokens, limit)
-            note = ""
+            notes = [deleted_note(deleted)] if deleted else []
             if fitted.dropped_turns:
-                note = dropped_note(fitted.dropped_turns)
+                notes.append(dropped_note(fitted.dropped_turns))
+            note = "; ".join(notes)
+            if note:
                 gr.Warning(f"{note[0].upper()}{note[1:]}.")
             generating = f"Generating… {note}".strip()
             yield chat_messages(turns), turn_gallery(turns), generating

@@ -56,6 +56,21 @@ def model_history(turns: list[Turn]) -> list[dict]:
     return messages
 
 
+def turns_with_uploads(turns: list[Turn]) -> tuple[list[Turn], int]:
+    """The turns whose uploads are all still on the server, and how many answered turns lost one.
+
+    The upload cache deletes old files; a turn that refers to a deleted one is left out of what the model
+    sees (the page still shows it) rather than failing every later message.
+    """
+    kept, gone = [], 0
+    for turn in turns:
+        if all(Path(path).is_file() for path in turn.images):
+            kept.append(turn)
+        elif turn.answered:
+            gone += 1
+    return kept, gone
+
+
 def user_message(turn: Turn) -> dict:
     return {"role": USER, "content": turn.prompt, "images": list(turn.images)}
 
@@ -132,6 +147,13 @@ def status_line(result: ChatResult, dropped_turns: int) -> str:
     if dropped_turns:
         parts.append(dropped_note(dropped_turns))
     return " · ".join(parts)
+
+
+def deleted_note(turns: int) -> str:
+    """Why earlier turns were left out although they fit (see ``turns_with_uploads``)."""
+    if turns == 1:
+        return "an earlier turn was left out: its image has been deleted from the server"
+    return f"{turns} earlier turns were left out: their images have been deleted from the server"
 
 
 def dropped_note(dropped_turns: int) -> str:
