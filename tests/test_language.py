@@ -745,3 +745,34 @@ def test_needs_exactly_one_of_ids_and_embeds():
     with pytest.raises(ValueError, match="exactly one"):
         model()
 
+
+
+def original_moe_infer(experts, x, idx, weights):
+    """The original's ``moe_infer`` order: pairs sorted by expert, separate gate/up products per expert,
+    outputs put back in slot order, then weighted and summed in float32."""
+    inter = experts.gate_up_proj.shape[1] // 2
+    order = idx.view(-1).argsort()
+    tokens = x[order // idx.shape[1]]
+    outputs, start = [], 0
+    for expert, count in enumerate(torch.bincount(idx.view(-1), minlength=experts.num_experts).tolist()):
+        if count:
+            rows = tokens[start : start + count]
+            gate = F.linear(rows, experts.gate_up_proj[expert, :inter])
+            up = F.linear(rows, experts.gate_up_proj[expert, inter:])
+            outputs.append(F.linear(F.silu(gate) * up, experts.down_proj[expert]))
+            start += count
+    in_slots = torch.empty_like(tokens)
+    in_slots[order] = torch.cat(outputs)
+    return in_slots.view(*idx.shape, -1).float().mul_(weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+
+def test_prefill_experts_round_exactly_as_the_original_in_bfloat16():
+    config = make_config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=4)
+    config._experts_implementation = "eager"
+    experts = randomize(DeepseekV2Experts(config)).to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(150, 256, generator=generator).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(16, generator=generator)[:4] for _ in range(150)])
+    weights = torch.rand(150, 4, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(experts(x, idx, weights), original_moe_infer(experts, x, idx, weights))
