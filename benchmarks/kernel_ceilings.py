@@ -11,25 +11,15 @@ cache, and the vision tower's SDPA (head dim 72) against a large matmul.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+from bench import best_time, matmul_rate, memory_bandwidth
 
 from deepseek_vl2.models.language import onednn_matmuls
 
 GB = 1e9
-
-
-def seconds(fn, repeats: int = 5) -> float:
-    """Best of ``repeats`` timings after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+CPU = torch.device("cpu")
 
 
 def weight_streaming(shape: tuple[int, int], rows: int, total_bytes: float = 400e6) -> tuple[float, float]:
@@ -50,7 +40,7 @@ def weight_streaming(shape: tuple[int, int], rows: int, total_bytes: float = 400
             for weight in weights:
                 F.linear(x, weight)
 
-    return size / seconds(gemv_per_row) / GB, size / seconds(onednn) / GB
+    return size / best_time(gemv_per_row, CPU, 5) / GB, size / best_time(onednn, CPU, 5) / GB
 
 
 def main(argv=None) -> None:
@@ -59,11 +49,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    source = torch.ones(256 * 2**20, dtype=torch.bfloat16)
-    target = torch.empty_like(source)
-    print(f"copy: {2 * source.numel() * 2 / seconds(lambda: target.copy_(source), 10) / GB:.1f} GB/s (read + write)")
-    a, b = torch.randn(4096, 4096).to(torch.bfloat16), torch.randn(4096, 4096).to(torch.bfloat16)
-    matmul = 2 * 4096**3 / seconds(lambda: a @ b, 3)
+    print(f"copy: {memory_bandwidth(CPU) / GB:.1f} GB/s (read + write), the same measure as bench.py")
+    matmul = matmul_rate(CPU, torch.bfloat16)
     print(f"bf16 matmul 4096^3: {matmul / 1e9:.0f} GFLOP/s\n")
 
     print("weights read, GB/s        rows   GEMV per row   oneDNN product")
@@ -80,13 +67,13 @@ def main(argv=None) -> None:
         size = 12 * keys[0].numel() * 2
         for label, enabled in (("GEMV", False), ("oneDNN", True)):
             with onednn_matmuls(enabled):
-                scores = size / seconds(lambda: [torch.matmul(query, k.transpose(-1, -2)) for k in keys]) / GB
-                mixed = size / seconds(lambda: [torch.matmul(probs, k) for k in keys]) / GB
+                scores = size / best_time(lambda: [torch.matmul(query, k.transpose(-1, -2)) for k in keys], CPU, 5) / GB
+                mixed = size / best_time(lambda: [torch.matmul(probs, k) for k in keys], CPU, 5) / GB
             print(f"batch {batch} {label:6s}: q.K^T {scores:5.1f} GB/s   p.V {mixed:5.1f} GB/s")
 
     q = torch.randn(7, 16, 729, 72).to(torch.bfloat16)
     attention_flops = 4 * 7 * 16 * 729**2 * 72
-    sdpa = attention_flops / seconds(lambda: F.scaled_dot_product_attention(q, q, q), 3)
+    sdpa = attention_flops / best_time(lambda: F.scaled_dot_product_attention(q, q, q), CPU, 3)
     print(f"\nvision SDPA, 7 tiles x 16 heads x 729 x 72: {sdpa / 1e9:.0f} GFLOP/s ({sdpa / matmul:.0%} of the matmul)")
 
 
