@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +22,33 @@ DEMO_NOTICE = (
 )
 
 
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {port}")
+    return port
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise OSError, naming the address, when the page could not be served there.
+
+    Checked before the model loads: a busy port or a mistyped host should cost a second, not the
+    minutes that loading the weights takes.
+    """
+    bare_host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1] as in a URL
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(bare_host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will bind
+            probe.bind(address)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OSError(f"cannot serve the page on {host}:{port}: {reason} (choose another --port or --host)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Chat with a DeepSeek-VL2 model (tiny, small or base) in the browser.")
     parser.add_argument("--model_name", help="hub id (e.g. deepseek-ai/deepseek-vl2-tiny) or local checkpoint folder")
@@ -29,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host", "--ip", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
-    parser.add_argument("--port", type=int, default=37913)
+    parser.add_argument("--port", type=port_number, default=37913)
     parser.add_argument("--share", action="store_true", help="also open a PUBLIC Gradio share link (off by default)")
     parser.add_argument("--root_path", help="URL prefix when served behind a proxy")
     parser.add_argument(
@@ -74,14 +102,22 @@ def main(argv: list[str] | None = None) -> int:
         model_path, model_name, notice = demo_checkpoint("tiny"), "built-in tiny demo (random weights)", DEMO_NOTICE
     else:
         model_path, model_name, notice = args.local_path or args.model_name, args.model_name or args.local_path, None
-    chat = DeepseekVL2Chat.from_pretrained(
-        model_path, device=args.device, dtype=args.dtype, chunk_size=None if args.chunk_size == -1 else args.chunk_size
-    )
+    chunk_size = None if args.chunk_size == -1 else args.chunk_size
+    try:  # bad input (a busy port, a missing folder) is one line naming it, as in the CLI
+        check_address(args.host, args.port)
+        chat = DeepseekVL2Chat.from_pretrained(model_path, device=args.device, dtype=args.dtype, chunk_size=chunk_size)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.share:
         logging.warning("--share: anyone with the link can use this model and see what is uploaded")
     cache_policy = {"delete_cache": tuple(args.delete_cache)} if args.delete_cache else {}
     app = ChatApp(chat, model_name=model_name, notice=notice, examples_dir=IMAGES_DIR, **cache_policy)
-    launch(app, host=args.host, port=args.port, share=args.share, root_path=args.root_path)
+    try:
+        launch(app, host=args.host, port=args.port, share=args.share, root_path=args.root_path)
+    except OSError as error:  # the port was taken since it was checked
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

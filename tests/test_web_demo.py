@@ -7,6 +7,7 @@ gradio_client like a second and third user would.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import os
 import shutil
@@ -311,6 +312,52 @@ def test_buttons_change_the_session_in_place_and_refuse_while_answering(tiny_cha
 
 
 @needs_gradio
+def test_a_message_that_cannot_be_answered_is_refused_before_it_leaves_the_box(tiny_chat, tmp_path, monkeypatch):
+    import gradio as gr
+    from PIL import Image as PILImage
+
+    from deepseek_vl2.web.app import ChatApp
+
+    upload = tmp_path / "gradio" / "5f3c9a0e"
+    upload.mkdir(parents=True)
+    notes, cut, photo = upload / "<b>notes.png", upload / "cut.png", upload / "photo.png"
+    notes.write_text("not a picture")
+    street = (IMAGES / "street.png").read_bytes()
+    cut.write_bytes(street[: len(street) // 2])
+    shutil.copy(IMAGES / "street.png", photo)
+    app, turns = ChatApp(tiny_chat, model_name="t"), []
+
+    def refusal(text: str, files: list[Path]) -> str:
+        with pytest.raises(gr.Error) as refused:
+            app.check_message({"text": text, "files": [str(path) for path in files]}, turns)
+        assert str(tmp_path) not in refused.value.message and "<" not in refused.value.message  # shown as HTML
+        return html.unescape(refused.value.message)
+
+    assert refusal("  ", []) == "Type a message or attach an image first."
+    assert refusal("Both?", [photo, notes]).startswith("The image '<b>notes.png' could not be read: it is not an image")
+    assert refusal("This?", [cut]) == "The image 'cut.png' could not be read: it is damaged or cut short."
+    assert refusal("<image> and <image>?", [photo]).startswith("The message places 2 <image> but 1 image(s)")
+    assert refusal("<image> What is in it?", []).startswith("The message places 1 <image> but 0 image(s)")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # street.png has 416,000 pixels
+    too_big = "The image 'photo.png' could not be read: it has too many pixels (the limit is 2,000)."
+    assert refusal("Big?", [photo]) == too_big
+    monkeypatch.undo()
+    assert turns == []  # nothing reached the session
+
+    for text, files in [("Hi", []), ("", [photo]), ("<image> then <image>", [photo, photo])]:
+        app.check_message({"text": text, "files": [str(path) for path in files]}, turns)
+    app.add_message({"text": "first", "files": []}, turns)
+    assert refusal("second", []) == "Still answering the last message: wait for it, or press Stop."
+    with pytest.raises(gr.Error, match="Still answering this message"):
+        app.check_regenerate(turns)
+    app.stop(turns)
+    app.check_message({"text": "second", "files": []}, turns)  # after Stop the user may send at once
+    app.clear(turns)
+    with pytest.raises(gr.Error, match="There is no turn to regenerate yet"):
+        app.check_regenerate(turns)
+
+
+@needs_gradio
 def test_an_unreadable_or_deleted_upload_is_named_as_uploaded_never_by_its_server_path(tiny_chat, tmp_path):
     from deepseek_vl2.web.app import ChatApp
 
@@ -400,6 +447,35 @@ def test_flags_default_to_localhost_without_a_share_link():
         load_web_demo().main(["--demo", "--model_name", "x"])
 
 
+@pytest.mark.parametrize("port", ["0", "65536", "-1", "web"])
+def test_a_port_that_cannot_be_is_refused_by_the_flag_parser(port, capsys):
+    with pytest.raises(SystemExit) as refused:
+        load_web_demo().build_parser().parse_args(["--demo", "--port", port])
+    assert refused.value.code == 2 and "argument --port: " in capsys.readouterr().err
+
+
+@needs_gradio
+def test_a_busy_port_or_a_missing_model_is_one_line_before_any_loading(monkeypatch, capsys, tmp_path):
+    import deepseek_vl2.web.app as web_app
+
+    monkeypatch.setattr(web_app, "launch", lambda app, **kwargs: pytest.fail("the page must not start"))
+    web_demo = load_web_demo()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with monkeypatch.context() as patch:
+            patch.setattr(DeepseekVL2Chat, "from_pretrained", lambda *a, **k: pytest.fail("the model must not load"))
+            assert web_demo.main(["--model_name", "org/model", "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot serve the page on 127.0.0.1:{port}: Address already in use (choose another --port or --host)\n"
+    )
+    assert web_demo.main(["--model_name", str(tmp_path / "missing"), "--port", str(free_port())]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: checkpoint folder not found: ") and "missing" in error
+    assert "Traceback" not in error and error.count("\n") == 1
+
+
 @needs_gradio
 def test_the_cache_policy_flag_reaches_the_page(tiny_chat, monkeypatch):
     import deepseek_vl2.web.app as web_app
@@ -407,9 +483,9 @@ def test_the_cache_policy_flag_reaches_the_page(tiny_chat, monkeypatch):
     pages = []
     monkeypatch.setattr(DeepseekVL2Chat, "from_pretrained", lambda *args, **kwargs: tiny_chat)
     monkeypatch.setattr(web_app, "launch", lambda app, **kwargs: pages.append(app))
-    web_demo = load_web_demo()
-    assert web_demo.main(["--model_name", "org/model", "--delete_cache", "60", "600"]) == 0
-    assert web_demo.main(["--model_name", "org/model"]) == 0
+    web_demo, port = load_web_demo(), str(free_port())
+    assert web_demo.main(["--model_name", "org/model", "--delete_cache", "60", "600", "--port", port]) == 0
+    assert web_demo.main(["--model_name", "org/model", "--port", port]) == 0
     assert [page.delete_cache for page in pages] == [(60, 600), (3600, 86400)]
     with pytest.raises(SystemExit):
         web_demo.main(["--model_name", "org/model", "--delete_cache", "0", "600"])
@@ -582,14 +658,7 @@ def test_browser_chat_stream_grounding_regenerate_remove(page, server, tmp_path)
     wait_for_answer(2)
     assert bot.last.inner_text() != before
 
-    # a malformed turn becomes a message in the chat, and the chat goes on
-    textbox.fill("<image> What is in it?")
-    textbox.press("Enter")
-    expect(bot.last).to_contain_text("Error: Cannot answer this message: the conversation has 3 <image> placeholder(s)")
-
-    # Remove last turn twice: back to the first turn
-    page.locator("#remove").click()
-    expect(user).to_have_count(2)
+    # Remove last turn: back to the first turn
     page.locator("#remove").click()
     expect(user).to_have_count(1)
     expect(bot).to_have_count(1)
@@ -610,5 +679,29 @@ def test_browser_chat_stream_grounding_regenerate_remove(page, server, tmp_path)
     assert bot.last.inner_text() == kept and kept.strip()
     expect(textbox).to_be_editable()
 
+    # a message that cannot be answered is refused while it is still in the box: a pop-up names the
+    # problem (the file as uploaded), the text and images stay, and the chat is neither changed nor hidden
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    page.locator("#message input[type=file]").set_input_files([str(not_an_image), str(IMAGES / "chart.png")])
+    expect(page.locator("#message img")).to_have_count(2)
+    textbox.fill("What is in them?")
+    textbox.press("Enter")
+    refusal = page.get_by_text("The image 'notes.png' could not be read: it is not an image")
+    expect(refusal).to_be_visible()
+    assert "/" not in refusal.inner_text()  # no path on the server
+    textbox.fill("<image> What is in it?")
+    textbox.press("Enter")
+    expect(page.get_by_text("The message places 1 <image> but 2 image(s) are attached")).to_be_visible()
+    expect(textbox).to_have_value("<image> What is in it?")
+    expect(page.locator("#message img")).to_have_count(2)
+    expect(user).to_have_count(2)
+    expect(page.locator("#chat").get_by_text("Error", exact=True)).to_have_count(0)
+    expect(status).to_have_text("Stopped.")
+
+    # Regenerate with nothing to regenerate is refused the same way
     page.locator("#clear").click()
     expect(user).to_have_count(0)
+    expect(textbox).to_have_value("")
+    page.locator("#regenerate").click()
+    expect(page.get_by_text("There is no turn to regenerate yet.")).to_be_visible()

@@ -1,14 +1,15 @@
 """The Gradio page: a multimodal chat over one ``DeepseekVL2Chat``, streamed, one generation at a time.
 
-Each browser session keeps its own turns in a ``gr.State``. Sending and regenerating are two steps:
-a quick unqueued step that shows the user's turn and locks the input box, then the queued
-generation, which shares one concurrency slot ("model") with every other session's, since there
-is one model on one device. Stop, Remove last turn and Clear end only their own session's
-generation.
+Each browser session keeps its own turns in a ``gr.State``. Sending and regenerating are three steps:
+a check that refuses what cannot be answered (its error a pop-up, the input box untouched), a quick
+unqueued step that shows the user's turn and locks the input box, then the queued generation, which
+shares one concurrency slot ("model") with every other session's, since there is one model on one
+device. Stop, Remove last turn and Clear end only their own session's generation.
 """
 
 from __future__ import annotations
 
+import html
 import logging
 import time
 from collections.abc import Iterator
@@ -21,12 +22,14 @@ from gradio.utils import get_upload_folder
 from ..chat import ContextTooLongError, DeepseekVL2Chat, GenerationSettings
 from .context import context_limit, fit_history
 from .session import (
+    IMAGE_TOKEN,
     Turn,
     chat_messages,
     deleted_note,
     dropped_note,
     model_history,
     overlay_images,
+    read_upload,
     read_uploads,
     status_line,
     turn_gallery,
@@ -41,6 +44,7 @@ MAX_QUEUE = 32  # requests waiting for the model; more are refused ("queue is fu
 REFRESH_S = 0.05  # the shortest time between two updates of a streaming answer
 WAITING = "Waiting for the model…"  # until this session's turn in the queue comes
 MODEL_SLOT = "model"  # concurrency id shared by every event that runs the model
+CHECK_SLOT = "check"  # checks of a message or a Regenerate: never wait for the model
 # Gradio keeps every upload and overlay for good unless told otherwise: every CACHE_CHECK_S seconds,
 # delete those older than CACHE_MAX_AGE_S, and all when the server stops (the examples stay).
 CACHE_CHECK_S, CACHE_MAX_AGE_S = 3600, 86400
@@ -98,23 +102,44 @@ class ChatApp:
     # and the generation ends itself at the next token and shows the final state. (Cancelling the
     # event instead would race: an update already on its way could land after the button's own.)
 
+    def check_message(self, message: dict | None, turns: list[Turn]) -> None:
+        """Refuse a message that cannot be answered while it is still in the input box.
+
+        The page runs this as its own step, with no outputs: its error shows as a pop-up and the
+        user's text and images stay in the box to be fixed. (An error in a step that updates the
+        chat would hide the chat behind Gradio's "Error" badge, and without queueing the page
+        shows no message at all.)
+        """
+        text, files = self._parse_message(message, turns)
+        placed = text.count(IMAGE_TOKEN)
+        if placed and placed != len(files):
+            raise _refusal(
+                f"The message places {placed} {IMAGE_TOKEN} but {len(files)} image(s) are attached: attach one "
+                f"image per {IMAGE_TOKEN}, or take {IMAGE_TOKEN} out to put the images first."
+            )
+        for path in files:
+            try:
+                read_upload(path)
+            except ValueError as error:
+                raise _refusal(f"{str(error)[0].upper()}{str(error)[1:]}.") from error
+
     def add_message(self, message: dict | None, turns: list[Turn]):
         """Show the user's turn at once and lock the input until the answer is done."""
-        text = ((message or {}).get("text") or "").strip()
-        files = [str(path) for path in (message or {}).get("files") or []]
-        if not text and not files:
-            raise gr.Error("Type a message or attach an image first.")
-        if turns and not (turns[-1].done or turns[-1].stop_requested):
-            raise gr.Error("Still answering the last message: wait for it, or press Stop.")
+        text, files = self._parse_message(message, turns)
         turns.append(Turn(text=text, images=files))
         return chat_messages(turns), gr.MultimodalTextbox(value=None, interactive=False), turn_gallery(turns), WAITING
 
-    def prepare_regenerate(self, turns: list[Turn]):
-        """Forget the last answer and lock the input; the queued step then answers the turn again."""
+    @staticmethod
+    def check_regenerate(turns: list[Turn]) -> None:
+        """Refuse Regenerate with a pop-up, as ``check_message`` refuses a message."""
         if not turns:
             raise gr.Error("There is no turn to regenerate yet.")
         if not turns[-1].done:
             raise gr.Error("Still answering this message: wait for it, or press Stop first.")
+
+    def prepare_regenerate(self, turns: list[Turn]):
+        """Forget the last answer and lock the input; the queued step then answers the turn again."""
+        self.check_regenerate(turns)
         turns[-1].reset()
         return chat_messages(turns), gr.MultimodalTextbox(interactive=False), turn_gallery(turns), WAITING
 
@@ -202,6 +227,17 @@ class ChatApp:
         return [], [], gr.MultimodalTextbox(value=None, interactive=True), ""
 
     @staticmethod
+    def _parse_message(message: dict | None, turns: list[Turn]) -> tuple[str, list[str]]:
+        """The text and files of a message the session can take now; gr.Error says why not."""
+        text = ((message or {}).get("text") or "").strip()
+        files = [str(path) for path in (message or {}).get("files") or []]
+        if not text and not files:
+            raise gr.Error("Type a message or attach an image first.")
+        if turns and not (turns[-1].done or turns[-1].stop_requested):
+            raise gr.Error("Still answering the last message: wait for it, or press Stop.")
+        return text, files
+
+    @staticmethod
     def unlock_input():
         return gr.MultimodalTextbox(interactive=True)
 
@@ -271,9 +307,14 @@ class ChatApp:
                        "concurrency_id": MODEL_SLOT, "show_progress": "minimal"}  # fmt: skip
             unlock = {"fn": self.unlock_input, "outputs": textbox, "queue": False, "api_visibility": "private"}
 
-            sent = textbox.submit(self.add_message, [textbox, turns], shown, queue=False, api_name="add_message")
+            # queued (an unqueued step's error never reaches the page), but not behind the model
+            check = {"outputs": None, "concurrency_id": CHECK_SLOT, "concurrency_limit": None,
+                     "show_progress": "hidden", "api_visibility": "private"}  # fmt: skip
+            checked = textbox.submit(self.check_message, [textbox, turns], **check)
+            sent = checked.success(self.add_message, [textbox, turns], shown, queue=False, api_name="add_message")
             sent.success(**respond, api_name="respond").then(**unlock)
-            again = regenerate.click(self.prepare_regenerate, turns, shown, queue=False, api_name="prepare_regenerate")
+            checked = regenerate.click(self.check_regenerate, turns, **check)
+            again = checked.success(self.prepare_regenerate, turns, shown, queue=False, api_name="prepare_regenerate")
             again.success(**respond, api_name="regenerate").then(**unlock)
 
             stop.click(self.stop, turns, None, queue=False, api_name="stop")
@@ -281,6 +322,11 @@ class ChatApp:
             remove.click(self.remove_last_turn, turns, after_change, queue=False, api_name="remove_last_turn")
             clear.click(self.clear, turns, after_change, queue=False, api_name="clear")
         return demo
+
+
+def _refusal(message: str) -> gr.Error:
+    """The page shows an error's message as HTML: ``<image>`` or a file's name must show as typed."""
+    return gr.Error(html.escape(message))
 
 
 def launch(

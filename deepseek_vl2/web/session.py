@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..chat import ASSISTANT, USER, ChatResult
 from ..grounding import clean_answer, draw_on_images
@@ -95,7 +95,16 @@ def read_upload(path: str) -> Image.Image:
             f"{shown} is no longer on the server (old uploads are deleted): press Clear and attach it again"
         ) from error
     except ValueError as error:
-        raise ValueError(f"{shown} could not be read: it is not an image, is damaged or has too many pixels") from error
+        raise ValueError(f"{shown} could not be read: {_unreadable_reason(error.__cause__)}") from error
+
+
+def _unreadable_reason(cause: BaseException | None) -> str:
+    """Why Pillow refused a file, in words that do not name its path (``load_image`` keeps the cause)."""
+    if isinstance(cause, Image.DecompressionBombError):
+        return f"it has too many pixels (the limit is {2 * Image.MAX_IMAGE_PIXELS:,})"
+    if isinstance(cause, UnidentifiedImageError):
+        return "it is not an image, or in a format that cannot be read (PNG, JPEG, WebP, GIF and BMP can)"
+    return "it is damaged or cut short"
 
 
 def chat_messages(turns: list[Turn]) -> list[dict]:
