@@ -1,5 +1,6 @@
 """Bad input ends in a correct answer or a clear error that names the problem — never a crash deep inside."""
 
+import copy
 import io
 import json
 import shutil
@@ -63,6 +64,24 @@ def test_conversation_may_end_with_a_user_or_an_assistant_turn(processor):
     assert finished.sft_format[0].endswith("hello" + processor.tokenizer.eos_token), "a closed exchange"
 
 
+def test_processing_leaves_the_callers_messages_and_images_untouched(processor):
+    """Notebooks re-run cells with the same objects: nothing we are given may change."""
+    conversation = [
+        {"role": "system", "content": "  Be brief.  "},
+        {"role": "user", "content": " <image>\nWhat is it? ", "images": ["a.png"]},
+        {"role": "assistant", "content": " A box. "},
+        {"role": "User", "content": "<image> and this?"},
+    ]
+    images = [Image.new("P", (40, 30), 3), Image.frombytes("I;16", (20, 50), bytes(range(200)) * 10)]
+    before = copy.deepcopy(conversation)
+    pixels = [(image.mode, image.size, image.tobytes()) for image in images]
+    first = ask(processor, *conversation, images=images)
+    assert conversation == before
+    assert [(image.mode, image.size, image.tobytes()) for image in images] == pixels
+    again = ask(processor, *conversation, images=images)
+    assert torch.equal(first.input_ids, again.input_ids) and torch.equal(first.images, again.images)
+
+
 # ---------------------------------------------------------------------------------------------- image files
 
 
@@ -74,11 +93,13 @@ def write(path, image, **save):
 def test_missing_unreadable_and_non_image_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.png"):
         load_image(tmp_path / "nope.png")
-    with pytest.raises(FileNotFoundError, match="not found"):
-        load_image(tmp_path)  # a folder is not an image file
     (tmp_path / "report.png").write_bytes(b"%PDF-1.7 this is a PDF renamed to .png")
     with pytest.raises(ValueError, match="not an image file.*report.png"):
         load_image(tmp_path / "report.png")
+    with pytest.raises(FileNotFoundError, match="is a folder, not an image file"):
+        load_image(tmp_path)
+    with pytest.raises(ValueError, match="an image path is empty"):
+        load_image("")
     (tmp_path / "empty.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="empty.jpg"):
         load_image(tmp_path / "empty.jpg")
@@ -96,11 +117,29 @@ def test_truncated_file(tmp_path):
         load_image(tmp_path / "cut.jpg")
 
 
+def test_unreadable_pil_image_given_to_the_processor_is_named(processor, tmp_path):
+    """A lazily opened PIL image fails only when decoded, deep in tiling: say which image and why."""
+    whole = io.BytesIO()
+    Image.new("RGB", (300, 300), "red").save(whole, format="PNG", compress_level=0)
+    (tmp_path / "cut.png").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    truncated = Image.open(tmp_path / "cut.png")  # the header is intact: opening succeeds
+    closed = Image.new("RGB", (8, 8))
+    closed.close()
+    fine = Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match=r"image 1 could not be decoded \(image file is truncated"):
+        ask(processor, {"role": USER, "content": "<image><image>"}, images=[fine, truncated])
+    with pytest.raises(ValueError, match="image 0 could not be decoded"):
+        ask(processor, {"role": USER, "content": "<image>"}, images=[closed])
+
+
 def test_decompression_bomb_is_refused_with_pillows_limit(tmp_path, monkeypatch):
     path = write(tmp_path / "bomb.png", Image.new("L", (400, 400)))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)  # 400x400 is now over twice the limit
-    with pytest.raises(ValueError, match="decompression-bomb limit of 10000 pixels"):
+    with pytest.raises(ValueError, match=r"decompression-bomb limit of 20,000 pixels \(twice PIL.Image.MAX_IMAGE_PIXELS\)"):
         load_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 400 // 2)  # at the limit: Pillow only warns
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert load_image(path).size == (400, 400)
 
 
 def test_animated_gif_gives_its_first_frame(tmp_path):
@@ -166,6 +205,18 @@ def test_checkpoint_problems_are_named(checkpoint_dir, tmp_path):
     source = checkpoint_dir("tiny")
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
         DeepseekVLV2ForCausalLM.from_pretrained(tmp_path / "missing")
+
+    unrelated = tmp_path / "photos"  # an existing folder that holds no checkpoint
+    (unrelated / "sub").mkdir(parents=True)
+    (unrelated / "cat.png").write_bytes(b"not a checkpoint")
+    with pytest.raises(FileNotFoundError, match="photos is not a DeepSeek-VL2 checkpoint folder: it has no config.json"):
+        DeepseekVLV2ForCausalLM.from_pretrained(unrelated)
+    with pytest.raises(FileNotFoundError, match="it has no processor_config.json"):
+        DeepseekVLV2Processor.from_pretrained(unrelated)
+    with pytest.raises(FileNotFoundError, match="cat.png is a file; a checkpoint is a folder"):
+        DeepseekVLV2ForCausalLM.from_pretrained(unrelated / "cat.png")
+    with pytest.raises(FileNotFoundError, match="sub is not a DeepSeek-VL2 checkpoint folder"):
+        DeepseekVLV2ForCausalLM.from_pretrained(unrelated, subfolder="sub")
 
     other = shutil.copytree(source, tmp_path / "other")
     config = json.loads((other / "config.json").read_text())

@@ -46,6 +46,8 @@ def test_published_config_defaults(variant):
     assert config.projector_config.depth == 2 and config.projector_config.downsample_ratio == 2
     assert len(config.candidate_resolutions) == 23
     assert language.rope_theta == 10000.0 and language.rope_scaling is None
+    assert language.rms_norm_eps == 1e-6 and language.hidden_act == "silu" and language.attention_bias is False
+    assert language.moe_layer_freq == 1
     assert language.max_position_embeddings == 4096
     if variant == "tiny":
         assert language.use_mla is False
@@ -53,9 +55,11 @@ def test_published_config_defaults(variant):
         assert language.use_mla is True
         assert (language.kv_lora_rank, language.qk_nope_head_dim, language.qk_rope_head_dim) == (512, 128, 64)
         assert language.q_lora_rank is None and language.v_head_dim == 128
+    if variant in ("tiny", "small"):
+        assert language.norm_topk_prob is False and language.scoring_func == "softmax"
+        assert language.routed_scaling_factor == 1.0
     if variant == "small":
         assert (language.vocab_size, language.bos_token_id, language.eos_token_id) == (102400, 100000, 100001)
-        assert language.norm_topk_prob is False and language.scoring_func == "softmax"
     if variant == "base":
         assert language.num_hidden_layers == 30 and language.num_attention_heads == 32
         assert language.topk_method == "noaux_tc" and language.scoring_func == "sigmoid"

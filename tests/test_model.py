@@ -143,6 +143,34 @@ def test_mismatched_image_mask_is_a_clear_error(loaded):
         model.prepare_inputs_embeds(**inputs)
 
 
+def test_image_inputs_of_the_wrong_shape_are_named(loaded):
+    """Shape slips from a notebook must say what is wrong, not fail inside masked_scatter or unpacking."""
+    model, processor = loaded("tiny")
+    inputs = encode(processor, "Describe.", [picture(64, 64)])
+    with pytest.raises(ValueError, match=r"images_seq_mask has shape \(1, \d+\) but input_ids"):
+        model.prepare_inputs_embeds(**{**inputs, "images_seq_mask": inputs.images_seq_mask[:, 1:]})
+    single = processor(conversations=conversation("Describe.", 1), images=[picture(64, 64)], force_batchify=False)
+    with pytest.raises(ValueError, match="force_batchify=True"):
+        model.prepare_inputs_embeds(**single)
+    with pytest.raises(ValueError, match=r"images must be \(batch=1"):
+        model.prepare_inputs_embeds(**{**inputs, "images": inputs.images[0]})
+    with pytest.raises(ValueError, match=r"images_spatial_crop must be \(batch=1"):
+        model.prepare_inputs_embeds(**{**inputs, "images_spatial_crop": inputs.images_spatial_crop[0]})
+
+
+def test_leaving_out_an_image_input_is_an_error_not_a_text_only_answer(loaded):
+    model, processor = loaded("tiny")
+    inputs = encode(processor, "Describe.", [picture(64, 64)])
+    for missing in ("images", "images_seq_mask", "images_spatial_crop"):
+        with pytest.raises(ValueError, match=f"without {missing}"):
+            model.prepare_inputs_embeds(**{**inputs, missing: None})
+    text = encode(processor, "Hello.", [])  # a text-only batch: no image to lose
+    with torch.no_grad():
+        plain = model.get_input_embeddings()(text.input_ids)
+        for missing in ("images", "images_seq_mask", "images_spatial_crop"):
+            assert torch.equal(model.prepare_inputs_embeds(**{**text, missing: None}), plain)
+
+
 # ---------------------------------------------------------------------------------------------- prefill
 
 
@@ -229,6 +257,19 @@ def test_both_generate_call_styles_and_incremental_give_same_tokens(loaded, vari
     assert via_language.shape[1] == 6
     assert via_model[:, n:].tolist() == via_language.tolist()
     assert via_prefill[:, n:].tolist() == via_language.tolist()
+
+
+def test_generate_takes_a_whole_processor_output(loaded):
+    """``generate(**inputs)``, like ``prepare_inputs_embeds(**inputs)``: display text and labels are not inputs."""
+    model, processor = loaded("tiny")
+    rows = [encode(processor, "Hi.", []), encode(processor, "What colour dominates?", [picture(300, 200, seed=1)])]
+    batch = processor.batchify(rows)
+    kwargs = generation_kwargs(processor)
+    names = ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop")
+    with torch.no_grad():
+        expected = model.generate(**{k: batch[k] for k in names}, **kwargs)
+        assert model.generate(**batch, **kwargs).tolist() == expected.tolist()
+    assert batch.sft_format and batch.labels is not None, "the caller's batch keeps its fields"
 
 
 def test_batch_rows_generate_as_if_alone(loaded):

@@ -371,10 +371,10 @@ def test_planner_and_loaders_agree_on_what_is_a_hub_id(tmp_path, monkeypatch, na
     with pytest.raises(Downloaded if is_hub_id else ValueError):
         load_config(name)
     if is_hub_id:
-        check_checkpoint_location(name)  # left to the hub client
+        check_checkpoint_location(name, "config.json")  # left to the hub client
     else:
         with pytest.raises(FileNotFoundError, match="not a hub id"):
-            check_checkpoint_location(name)
+            check_checkpoint_location(name, "config.json")
 
 if __name__ == "__main__":
     print(json.dumps(_measure(sys.argv[1])))

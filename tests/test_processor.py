@@ -203,6 +203,16 @@ def test_non_rgb_images_are_converted(processor):
     assert torch.equal(out.images[0], reference_tiles(gray.convert("RGB"), (1, 1)))
 
 
+def test_sixteen_bit_image_given_directly_is_scaled_not_clipped(processor):
+    """Image.open on a 16-bit PNG gives mode I;16; convert("RGB") would clip nearly all of it to white."""
+    values = np.linspace(0, 65535, 60 * 40).reshape(40, 60).astype(np.uint16)
+    deep = Image.fromarray(values)
+    assert deep.mode == "I;16"
+    out = processor(conversations=[user("<image>")], images=[deep])
+    expected = Image.fromarray(np.round(values / 65535 * 255).astype(np.uint8)).convert("RGB")
+    assert torch.equal(out.images[0], reference_tiles(expected, (1, 1)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Chat format
 
@@ -371,6 +381,20 @@ def test_output_moves_and_casts_only_pixels(processor):
     assert dict(**out)["input_ids"] is out.input_ids
     with pytest.raises(KeyError):
         out["pixel_values"]
+
+
+def test_output_cast_with_only_a_dtype_keeps_ids_integer(processor):
+    """``inputs.to(model.dtype)`` is a common notebook spelling; it must not reach the ids or masks."""
+    out = processor(conversations=[user("<image>")], images=[noise_image(10, 10)]).to(torch.float16)
+    assert out.images.dtype == torch.float16
+    assert out.input_ids.dtype == out.attention_mask.dtype == out.images_spatial_crop.dtype == torch.long
+    assert out.images_seq_mask.dtype == torch.bool
+    for bad in [dict(dtype=torch.long), dict(dtype="bfloat16")]:
+        with pytest.raises(TypeError, match="floating torch.dtype"):
+            out.to("cpu", **bad)
+    with pytest.raises(TypeError, match="two dtypes"):
+        out.to(torch.float16, torch.bfloat16)
+    assert out.images.dtype == torch.float16, "a refused call changes nothing"
 
 
 def test_unbatched_output(processor):
@@ -601,6 +625,18 @@ def test_load_pil_images_applies_exif_rotation_and_converts(tmp_path):
     assert np.array_equal(np.asarray(animated), np.asarray(frames[0].convert("RGB")))
     assert load_image(Image.open(tmp_path / "rotated.jpg")).size == (20, 40)
     assert load_pil_images([user("no images"), assistant("none")]) == []
+
+
+def test_load_pil_images_takes_null_images_and_names_bad_messages(tmp_path):
+    Image.new("RGB", (8, 6)).save(tmp_path / "a.png")
+    conversation = [user("Hi", images=None), assistant("Hello"), user("<image>", images=[tmp_path / "a.png"])]
+    assert [image.size for image in load_pil_images(conversation)] == [(8, 6)]
+    with pytest.raises(TypeError, match="message 1 must be a dict, got str"):
+        load_pil_images([user("Hi"), "<image>"])
+    with pytest.raises(TypeError, match="list of message dicts, got NoneType"):
+        load_pil_images(None)
+    with pytest.raises(TypeError, match="'images' must be a list of paths, got int"):
+        load_pil_images([user("<image>", images=3)])
 
 
 def test_load_pil_images_errors(tmp_path):

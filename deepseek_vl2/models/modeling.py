@@ -14,6 +14,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import CONFIG_NAME
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ..utils.checkpoint import check_checkpoint_location
@@ -23,6 +24,8 @@ from .projector import MlpProjector
 from .vision import VisionTransformer
 
 IMAGE_INPUTS = ("images", "images_seq_mask", "images_spatial_crop")
+# Processor outputs that are not model inputs: generate(**inputs) leaves them out.
+PROCESSOR_ONLY = ("sft_format", "labels", "num_image_tokens", "seq_lens")
 
 
 class DeepseekVLV2PreTrainedModel(PreTrainedModel):
@@ -39,7 +42,7 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' loader, with errors that name the problem: a missing folder, wrong-shaped tensors."""
-        check_checkpoint_location(pretrained_model_name_or_path)
+        check_checkpoint_location(pretrained_model_name_or_path, CONFIG_NAME, kwargs.get("subfolder") or "")
         if kwargs.get("ignore_mismatched_sizes"):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
@@ -128,6 +131,38 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationM
             crops.append([(w, h) for w, h in row if w > 0 and h > 0])
         return crops
 
+    @staticmethod
+    def _check_image_inputs(input_ids, images, images_seq_mask, images_spatial_crop) -> None:
+        """ValueError naming the problem when the inputs are not one batch as ``batchify`` makes it.
+
+        Leaving out some of the image inputs while the others show images would drop the images silently.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}: "
+                "use processor(..., force_batchify=True) or processor.batchify"
+            )
+        given = {"images": images, "images_seq_mask": images_seq_mask, "images_spatial_crop": images_spatial_crop}
+        missing = [name for name, value in given.items() if value is None]
+        if len(missing) == 3:
+            return
+        if missing:
+            if any(bool(value.any()) for value in given.values() if value is not None):
+                raise ValueError(f"image inputs given without {', '.join(missing)}: pass all three or none")
+            return
+        batch, length = input_ids.shape
+        if tuple(images_seq_mask.shape) != (batch, length):
+            raise ValueError(
+                f"images_seq_mask has shape {tuple(images_seq_mask.shape)} but input_ids {(batch, length)}: "
+                "they must come from the same batch"
+            )
+        if images.dim() != 5 or images.shape[0] != batch:
+            raise ValueError(f"images must be (batch={batch}, tiles, 3, H, W), got shape {tuple(images.shape)}")
+        if images_spatial_crop.dim() != 3 or images_spatial_crop.shape[0] != batch or images_spatial_crop.shape[2] != 2:
+            raise ValueError(
+                f"images_spatial_crop must be (batch={batch}, images, 2), got shape {tuple(images_spatial_crop.shape)}"
+            )
+
     def prepare_inputs_embeds(
         self,
         input_ids: torch.LongTensor,
@@ -141,6 +176,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationM
         input_ids [b, T]; images [b, max_tiles, 3, 384, 384]; images_seq_mask [b, T] (bool);
         images_spatial_crop [b, max_images, 2] as (width_tiles, height_tiles), zeros for padding.
         """
+        self._check_image_inputs(input_ids, images, images_seq_mask, images_spatial_crop)
         embeddings = self.get_input_embeddings()(input_ids)
         if images is None or images_spatial_crop is None or images_seq_mask is None:
             return embeddings
@@ -202,6 +238,12 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationM
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``; also takes a whole processor output, ``generate(**inputs, ...)``."""
+        for name in PROCESSOR_ONLY:
+            kwargs.pop(name, None)
+        return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,

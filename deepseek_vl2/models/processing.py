@@ -15,7 +15,8 @@ Differences from the original processor (fixes): system text reaches the tokens,
 works, a conversation may end with a user turn, bad input (including an image too thin for Pillow
 to scale, on which the original crashed) raises ValueError/TypeError with a message, ``batchify``
 keeps ``images_seq_mask`` boolean with any prompt lengths and also takes batches, ``.to(device)``
-keeps pixels in float32 unless asked, and nothing is printed.
+keeps pixels in float32 unless asked, images in any mode become RGB (16-bit ones scaled, not
+clipped to white), and nothing is printed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import PROCESSOR_NAME, cached_file
 
 from ..utils.checkpoint import check_checkpoint_location
+from ..utils.io import to_rgb
 from .conversation import ASSISTANT, USER, Conversation, format_system, format_user_turn
 
 logger = logging.getLogger(__name__)
@@ -134,8 +136,19 @@ class BatchedInputs(_FieldsAsMapping):
             )
         return samples
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> BatchedInputs:
-        """Move every tensor to ``device``; cast floating tensors (the pixels) only if ``dtype`` is given."""
+    def to(
+        self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None
+    ) -> BatchedInputs:
+        """Move every tensor to ``device``; cast floating tensors (the pixels) only if ``dtype`` is given.
+
+        ``to(dtype)`` alone casts the pixels and moves nothing; ids and masks always keep their dtype.
+        """
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError("to() got two dtypes; call it as to(device, dtype)")
+            device, dtype = None, device
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
         for name in self.keys():
             value = getattr(self, name)
             if isinstance(value, torch.Tensor):
@@ -205,7 +218,7 @@ class DeepseekVLV2Processor(ProcessorMixin):
         read from tokenizer.json as it is: the published tokenizer_config.json names
         ``LlamaTokenizerFast``, which is not what these byte-level BPE tokenizers are.
         """
-        check_checkpoint_location(pretrained_model_name_or_path)
+        check_checkpoint_location(pretrained_model_name_or_path, PROCESSOR_NAME, kwargs.get("subfolder") or "")
         settings = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
         overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in settings}
         with open(cached_file(pretrained_model_name_or_path, PROCESSOR_NAME, **kwargs), encoding="utf-8") as file:
@@ -256,6 +269,15 @@ class DeepseekVLV2Processor(ProcessorMixin):
         std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
         return (pixels - mean) / std
 
+    @staticmethod
+    def _decoded_rgb(image: Image.Image, index: int) -> Image.Image:
+        """``image`` decoded, as 8-bit RGB (16-bit data stretched, not clipped); ValueError if unreadable."""
+        try:
+            image.load()
+            return to_rgb(image)
+        except (OSError, ValueError) as error:  # truncated or corrupt data, a closed file
+            raise ValueError(f"image {index} could not be decoded ({error})") from error
+
     def _encode(self, text: str) -> list[int]:
         """Token ids of ``text`` alone (no BOS/EOS)."""
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -270,7 +292,7 @@ class DeepseekVLV2Processor(ProcessorMixin):
         """Tokenize one conversation and tile its images (see ``__call__``)."""
         conversation = Conversation.from_messages(conversations, system_prompt)
         images = self._check_images(conversation, images)
-        images = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+        images = [self._decoded_rgb(image, index) for index, image in enumerate(images)]
         cropping = len(images) <= MAX_IMAGES_WITH_TILING
         if not cropping:
             logger.info(

@@ -15,14 +15,21 @@ def looks_like_hub_id(name_or_path: str | os.PathLike) -> bool:
     return HUB_ID.fullmatch(os.fspath(name_or_path)) is not None
 
 
-def check_checkpoint_location(name_or_path: str | os.PathLike) -> None:
-    """Raise FileNotFoundError for a local-looking path that does not exist.
+def check_checkpoint_location(name_or_path: str | os.PathLike, required_file: str, subfolder: str = "") -> None:
+    """Raise FileNotFoundError for a local path that is not a checkpoint folder holding ``required_file``.
 
-    Anything shaped like a hub id (``org/name``) is left to the hub client, which reports its own
-    errors (no network, unknown repository).
+    Anything shaped like a hub id (``org/name``) that is not a local path is left to the hub client, which
+    reports its own errors (no network, unknown repository). Without this check, an existing folder that
+    holds no checkpoint gets transformers' advice to look for it on the hub under a mangled URL.
     """
     text = os.fspath(name_or_path)
-    if Path(text).expanduser().exists():
-        return
-    if not looks_like_hub_id(text):
+    folder = Path(text).expanduser()
+    if not folder.exists():
+        if looks_like_hub_id(text):
+            return
         raise FileNotFoundError(f"checkpoint folder not found: {text} (and it is not a hub id like org/name)")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{text} is a file; a checkpoint is a folder (config.json, weights, tokenizer)")
+    if not (folder / subfolder / required_file).is_file():
+        where = folder / subfolder if subfolder else text
+        raise FileNotFoundError(f"{where} is not a DeepSeek-VL2 checkpoint folder: it has no {required_file}")

@@ -21,7 +21,11 @@ def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
         return _upright_rgb(image)
     if not isinstance(image, (str, os.PathLike)):
         raise TypeError(f"an image must be a file path or a PIL image, got {type(image).__name__}")
+    if not os.fspath(image):
+        raise ValueError("an image path is empty")
     path = Path(image)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
@@ -32,16 +36,22 @@ def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
         raise ValueError(f"not an image file (or a format Pillow cannot read): {path}") from error
     except Image.DecompressionBombError as error:
         raise ValueError(
-            f"image {path} is larger than Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels; "
-            "if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS"
+            f"image {path} is larger than Pillow's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS:,} "
+            "pixels (twice PIL.Image.MAX_IMAGE_PIXELS); if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS"
         ) from error
     except OSError as error:  # truncated or corrupt data, found while decoding
         raise ValueError(f"image file {path} could not be decoded ({error})") from error
 
 
 def _upright_rgb(image: Image.Image) -> Image.Image:
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB; 16-bit and float images are stretched to their own range, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit and float images would clip to white in convert("RGB"): stretch them to 8 bits first
         values = np.asarray(image, dtype=np.float64)
         low, high = float(values.min()), float(values.max())
@@ -55,10 +65,18 @@ def load_pil_images(conversations: Sequence[Mapping]) -> list[Image.Image]:
 
     Example message: ``{"role": "<|User|>", "content": "<image>\\nDescribe it.", "images": ["cat.jpg"]}``.
     """
+    if isinstance(conversations, (str, Mapping)) or not isinstance(conversations, Sequence):
+        raise TypeError(f"conversations must be a list of message dicts, got {type(conversations).__name__}")
     images = []
     for index, message in enumerate(conversations):
-        paths = message.get("images", [])
+        if not isinstance(message, Mapping):
+            raise TypeError(f"message {index} must be a dict, got {type(message).__name__}")
+        paths = message.get("images")
+        if paths is None:  # a missing or null "images" means none
+            continue
         if isinstance(paths, (str, os.PathLike, Image.Image)):
             raise TypeError(f"message {index}: 'images' must be a list of paths, got a single {type(paths).__name__}")
+        if not isinstance(paths, Sequence):
+            raise TypeError(f"message {index}: 'images' must be a list of paths, got {type(paths).__name__}")
         images.extend(load_image(path) for path in paths)
     return images
