@@ -7,11 +7,12 @@ incremental_prefilling -> generate), so what it does, a user can do by hand.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,17 @@ class GenerationSettings:
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise TypeError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.greedy, bool):
+            raise TypeError(f"greedy must be True or False, got {self.greedy!r}")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+            if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed accepts
+                raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if not self.temperature >= 0:
@@ -97,6 +109,7 @@ class _QueueStreamer(BaseStreamer):
 
     def __init__(self, tokenizer, skip_prompt_tokens: bool):
         self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
         self.queue: queue.Queue = queue.Queue()
         self.skip_prompt = skip_prompt_tokens
         self.tokens: list[int] = []
@@ -109,14 +122,19 @@ class _QueueStreamer(BaseStreamer):
             return
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        self.tokens.extend(value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
+        # the final EOS is not part of the answer (ChatResult.answer leaves it out too)
+        self.tokens.extend(token for token in value.reshape(-1).tolist() if token != self.eos_token_id)
         # hold back an incomplete multi-byte character until the next token completes it
-        if not text.endswith("\ufffd") and len(text) > self.printed:
+        self._send(complete_only=True)
+
+    def _send(self, complete_only: bool) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
+        if not (complete_only and text.endswith("\ufffd")) and len(text) > self.printed:
             self.queue.put(text[self.printed :])
             self.printed = len(text)
 
     def end(self) -> None:
+        self._send(complete_only=False)  # what was held back stays undecodable: send it as it is
         self.queue.put(self._DONE)
 
     def fail(self, error: BaseException) -> None:
@@ -188,18 +206,22 @@ class DeepseekVL2Chat:
         """The conversation for one more user turn, and every image in it as RGB PIL images."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-        if isinstance(images, (str, os.PathLike, Image.Image)):
+        if images is None:
+            images = []
+        elif isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
+        elif not isinstance(images, Iterable):
+            raise TypeError(f"images must be a list of file paths or PIL images, got {type(images).__name__}")
         loaded = [load_image(image) for image in images]
         if loaded and "<image>" not in prompt:
             prompt = "<image>\n" * len(loaded) + prompt
-        conversation = [dict(message) for message in history or []]
+        conversation = _copy_history(history)
         if system:
             conversation = [m for m in conversation if m.get("role") != "system"]
             conversation.insert(0, {"role": "system", "content": system})
         conversation.append({"role": USER, "content": prompt, "images": loaded})
         conversation.append({"role": ASSISTANT, "content": ""})
-        all_images = [image for message in conversation for image in message.get("images", [])]
+        all_images = [image for message in conversation for image in message.get("images") or []]
         return conversation, [load_image(image) for image in all_images]
 
     def stream(
@@ -211,11 +233,13 @@ class DeepseekVL2Chat:
         settings: GenerationSettings | None = None,
         **setting_overrides,
     ) -> Iterator[str | ChatResult]:
-        """Yields text pieces as they are generated, then the ChatResult as the last item.
+        """Yields text pieces as they are generated (together, ``result.answer``), then the ChatResult.
 
         Closing the generator early (``break``, Ctrl-C, a web client going away) stops generation at
         the next token and leaves the model ready for the next call.
         """
+        if settings is not None and not isinstance(settings, GenerationSettings):
+            raise TypeError(f"settings must be a GenerationSettings, got {type(settings).__name__}")
         settings = dataclasses.replace(settings or GenerationSettings(), **setting_overrides)
         conversation, all_images = self.build_conversation(prompt, images, history, system)
         inputs = self.processor(conversations=conversation, images=all_images, force_batchify=True)
@@ -314,6 +338,25 @@ class DeepseekVL2Chat:
             chunk_size=self.chunk_size,
         )
         return self.model.generate(inputs_embeds=embeds, cache=cache, **common)
+
+
+def _copy_history(history: Sequence[dict] | None) -> list[dict]:
+    """A copy of the earlier messages, checked here because a bad shape fails obscurely later."""
+    if history is None:
+        return []
+    if isinstance(history, ChatResult):
+        raise TypeError("history must be a list of messages: pass result.history, not the ChatResult")
+    if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Iterable):
+        raise TypeError(f"history must be a list of message dicts, got {type(history).__name__}")
+    conversation = []
+    for index, message in enumerate(history):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"history message {index} must be a dict with 'role' and 'content', got {message!r}")
+        images = message.get("images")
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            raise TypeError(f"history message {index}: 'images' must be a list, got a single {type(images).__name__}")
+        conversation.append(dict(message))
+    return conversation
 
 
 def default_image_dir() -> Path:

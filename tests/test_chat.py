@@ -135,3 +135,56 @@ def test_ctrl_c_leaves_the_model_usable(chat):
     assert not chat._lock.locked(), "the generating thread was stopped and joined"
     result = chat.chat("Hi.", greedy=True, max_new_tokens=3)
     assert result.new_tokens >= 1
+
+
+def test_streamed_pieces_are_exactly_the_answer(scripted_chat):
+    *pieces, result = scripted_chat.stream("Where is the red car?", images=[STREET])
+    assert result.answer == BOX_ANSWER
+    assert "".join(pieces) == BOX_ANSWER, "no end-of-sentence token in the streamed text"
+
+
+def test_streamer_holds_back_a_split_character_and_sends_the_rest_at_the_end(chat):
+    from deepseek_vl2.chat import _QueueStreamer
+
+    tokenizer = chat.processor.tokenizer
+    first, second = tokenizer.encode("日", add_special_tokens=False)[:2]  # the first two of its three bytes
+    streamer = _QueueStreamer(tokenizer, skip_prompt_tokens=True)
+    streamer.put(torch.tensor([[5, 6, 7]]))  # the prompt, skipped
+    streamer.put(torch.tensor([first]))
+    streamer.put(torch.tensor([second]))
+    assert streamer.queue.empty(), "an incomplete character is held back while more may come"
+    streamer.put(torch.tensor([tokenizer.eos_token_id]))
+    streamer.end()
+    assert list(streamer) == [tokenizer.decode([first, second])], "what never completed is still sent"
+
+
+def test_images_none_means_no_images(chat):
+    conversation, images = chat.build_conversation("Hi.", images=None)
+    assert images == [] and conversation[-2] == {"role": "<|User|>", "content": "Hi.", "images": []}
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(images=3), TypeError, "images must be a list"),
+        (dict(history="Hello."), TypeError, "history must be a list of message dicts, got str"),
+        (dict(history={"role": "<|User|>", "content": "Hi."}), TypeError, "got dict"),
+        (dict(history=["Hello."]), TypeError, "history message 0 must be a dict"),
+        (dict(history=[{"role": "<|User|>", "content": "<image>", "images": STREET}]), TypeError, "got a single str"),
+        (dict(settings={"max_new_tokens": 3}), TypeError, "settings must be a GenerationSettings"),
+        (dict(temperature="0.5"), TypeError, "temperature must be a number"),
+        (dict(top_p=None), TypeError, "top_p must be a number"),
+        (dict(greedy="no"), TypeError, "greedy must be True or False"),
+        (dict(seed="1"), TypeError, "seed must be an int"),
+        (dict(seed=2**70), ValueError, "seed must be in"),
+    ],
+)
+def test_bad_arguments_name_the_problem(chat, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        chat.chat("Hi.", max_new_tokens=2, **kwargs)
+
+
+def test_a_chat_result_as_history_says_what_to_pass(chat):
+    first = chat.chat("Hi.", greedy=True, max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"pass result\.history"):
+        chat.chat("And?", history=first, max_new_tokens=2)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from deepseek_vl2.testing.scripted import script_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
 BOX_ANSWER = "<|ref|>the red car<|/ref|><|det|>[[100, 600, 370, 830]]<|/det|>"
+UNICODE_ANSWER = "Voilà 日本"
 
 
 def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -27,6 +29,12 @@ def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 def scripted(tmp_path_factory):
     path = build_checkpoint(tmp_path_factory.mktemp("cli-scripted"), "tiny")
     return script_checkpoint(path, BOX_ANSWER, extra_tokens=("[[100, 600, 370, 830]]",))
+
+
+@pytest.fixture(scope="module")
+def unicode_scripted(tmp_path_factory):
+    path = build_checkpoint(tmp_path_factory.mktemp("cli-unicode"), "tiny")
+    return script_checkpoint(path, UNICODE_ANSWER, extra_tokens=("日本",))
 
 
 def test_json_and_save_vis_with_one_image(scripted, tmp_path):
@@ -84,12 +92,90 @@ def test_quiet_prints_no_timings(checkpoint_dir, capsys):
         (["--demo", "--chunk_size", "0"], "--chunk_size"),
         (["--demo", "--temperature", "-1"], "temperature"),
         (["--demo", "--image", "missing.png"], "missing.png"),
+        # found before the demo notice, so before any image is read or model loaded
+        (["--demo", "--dtype", "float8"], "unknown dtype 'float8'"),
+        (["--demo", "--device", "gpu0"], "unknown device 'gpu0'"),
+        (["--demo", "--seed", str(2**70)], "seed must be in"),
+        (["--demo", "--stream", "--json"], "--stream and --json cannot be combined"),
+        (["--demo", "--save_vis", "no/such/folder/out.png"], "folder no/such/folder does not exist"),
+        (["--demo", "--save_vis", "overlay"], "--save_vis overlay: give a file name with an image extension"),
+        (["--demo", "--save_vis", "overlay.txt"], "an image extension Pillow can write"),
+        (["--model_path", str(ROOT), "--max_new_tokens", "2"], "no config.json"),
+        (["--demo", "--image", str(IMAGES)], "is a folder, not an image file"),
+        (["--demo", "--system", "Look at <image>."], "--system contains <image>"),
+        (["--model_path", "x/y", "--save_vis", "out.png"], "--save_vis needs an --image"),
+        (["--model_path", "x/y", "--image", str(IMAGES / "street.png"), "--prompt", "<image> or <image>?"],
+         "--prompt has 2 <image> placeholder(s) but 1 image(s)"),  # fmt: skip
     ],
 )
 def test_errors_are_one_line_without_traceback(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_streamed_answer_is_the_answer_without_end_token(scripted):
+    done = cli("--model_path", str(scripted), "--stream", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == BOX_ANSWER + "\n"
+
+
+def test_save_vis_without_boxes_says_nothing_was_saved(checkpoint_dir, tmp_path, capsys):
+    overlay = tmp_path / "overlay.png"
+    args = ["--model_path", str(checkpoint_dir("tiny")), "--image", str(IMAGES / "street.png"), "--greedy",
+            "--max_new_tokens", "2", "--no-stream", "--save_vis", str(overlay)]  # fmt: skip
+    assert main(args) == 0
+    assert f"no grounding boxes in the answer: nothing saved to {overlay}" in capsys.readouterr().err
+    assert not overlay.exists()
+
+
+def test_ctrl_c_while_streaming_ends_the_line_and_exits_130(checkpoint_dir, capsys, monkeypatch):
+    import _thread
+
+    from deepseek_vl2.chat import DeepseekVL2Chat
+
+    real_stream = DeepseekVL2Chat.stream
+
+    def interrupted_after_first_piece(self, *args, **kwargs):
+        for piece in real_stream(self, *args, **kwargs):
+            yield piece
+            _thread.interrupt_main()  # what Ctrl-C does
+            time.sleep(10)
+
+    monkeypatch.setattr(DeepseekVL2Chat, "stream", interrupted_after_first_piece)
+    path = checkpoint_dir("tiny")
+    capsys.readouterr()  # what building the checkpoint printed
+    started = time.perf_counter()
+    assert main(["--model_path", str(path), "--max_new_tokens", "2000", "--stream", "--quiet"]) == 130
+    assert time.perf_counter() - started < 10
+    out, err = capsys.readouterr()
+    assert out.strip() and out.endswith("\n") and err == "interrupted\n"
+
+
+def test_closed_pipe_stops_quietly(checkpoint_dir):
+    command = [sys.executable, str(ROOT / "inference.py"), "--model_path", str(checkpoint_dir("tiny")), "--stream",
+               "--quiet", "--max_new_tokens", "2000", "--temperature", "1.0"]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as reader:
+        assert reader.stdout.read(1)  # the answer has started
+        reader.stdout.close()  # what `| head -c 1` does
+        err = reader.stderr.read().decode()
+        assert reader.wait(timeout=120) == 141
+    assert err == ""
+
+
+def test_terminal_that_cannot_encode_the_answer_gets_valid_output(unicode_scripted):
+    import os
+
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    common = [sys.executable, str(ROOT / "inference.py"), "--model_path", str(unicode_scripted), "--quiet",
+              "--prompt", "Où est la voiture ?"]  # fmt: skip
+    plain = subprocess.run([*common, "--no-stream"], capture_output=True, env=env, timeout=240)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.decode("ascii") == UNICODE_ANSWER.encode("ascii", "backslashreplace").decode() + "\n"
+    as_json = subprocess.run([*common, "--json"], capture_output=True, env=env, timeout=240)
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout.decode("ascii"))
+    assert report["answer"] == UNICODE_ANSWER and report["prompt"].endswith("Où est la voiture ?\n\n<|Assistant|>:")
 
 
 def test_help_needs_neither_gpu_nor_gradio():
