@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 from .grounding import GroundingResult, clean_answer, parse_grounding
 from .models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from .utils.dtypes import parse_dtype
-from .utils.io import load_image
+from .utils.io import checked_messages, load_image
 
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
 
@@ -346,17 +346,7 @@ def _copy_history(history: Sequence[dict] | None) -> list[dict]:
         return []
     if isinstance(history, ChatResult):
         raise TypeError("history must be a list of messages: pass result.history, not the ChatResult")
-    if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Iterable):
-        raise TypeError(f"history must be a list of message dicts, got {type(history).__name__}")
-    conversation = []
-    for index, message in enumerate(history):
-        if not isinstance(message, Mapping):
-            raise TypeError(f"history message {index} must be a dict with 'role' and 'content', got {message!r}")
-        images = message.get("images")
-        if isinstance(images, (str, os.PathLike, Image.Image)):
-            raise TypeError(f"history message {index}: 'images' must be a list, got a single {type(images).__name__}")
-        conversation.append(dict(message))
-    return conversation
+    return [dict(message) for message in checked_messages(history, "history")]
 
 
 def default_image_dir() -> Path:

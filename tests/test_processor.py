@@ -631,7 +631,7 @@ def test_load_pil_images_takes_null_images_and_names_bad_messages(tmp_path):
     Image.new("RGB", (8, 6)).save(tmp_path / "a.png")
     conversation = [user("Hi", images=None), assistant("Hello"), user("<image>", images=[tmp_path / "a.png"])]
     assert [image.size for image in load_pil_images(conversation)] == [(8, 6)]
-    with pytest.raises(TypeError, match="message 1 must be a dict, got str"):
+    with pytest.raises(TypeError, match="conversations message 1 must be a dict with 'role' and 'content', got '<image>'"):
         load_pil_images([user("Hi"), "<image>"])
     with pytest.raises(TypeError, match="list of message dicts, got NoneType"):
         load_pil_images(None)

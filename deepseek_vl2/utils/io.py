@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,23 +60,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def checked_messages(messages: Iterable[Mapping], what: str = "conversations") -> list[Mapping]:
+    """``messages`` as a list, each a dict whose ``"images"``, if any, is a list: a bad shape fails obscurely later."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
+        raise TypeError(f"{what} must be a list of message dicts, got {type(messages).__name__}")
+    checked = list(messages)
+    for index, message in enumerate(checked):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"{what} message {index} must be a dict with 'role' and 'content', got {message!r}")
+        images = message.get("images")
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            single = type(images).__name__
+            raise TypeError(f"{what} message {index}: 'images' must be a list of paths, got a single {single}")
+        if images is not None and not isinstance(images, Iterable):
+            raise TypeError(f"{what} message {index}: 'images' must be a list of paths, got {type(images).__name__}")
+    return checked
+
+
 def load_pil_images(conversations: Sequence[Mapping]) -> list[Image.Image]:
     """Every image named in the messages' ``"images"`` lists, in order, loaded with :func:`load_image`.
 
     Example message: ``{"role": "<|User|>", "content": "<image>\\nDescribe it.", "images": ["cat.jpg"]}``.
+    A missing or null ``"images"`` means none.
     """
-    if isinstance(conversations, (str, Mapping)) or not isinstance(conversations, Sequence):
-        raise TypeError(f"conversations must be a list of message dicts, got {type(conversations).__name__}")
-    images = []
-    for index, message in enumerate(conversations):
-        if not isinstance(message, Mapping):
-            raise TypeError(f"message {index} must be a dict, got {type(message).__name__}")
-        paths = message.get("images")
-        if paths is None:  # a missing or null "images" means none
-            continue
-        if isinstance(paths, (str, os.PathLike, Image.Image)):
-            raise TypeError(f"message {index}: 'images' must be a list of paths, got a single {type(paths).__name__}")
-        if not isinstance(paths, Sequence):
-            raise TypeError(f"message {index}: 'images' must be a list of paths, got {type(paths).__name__}")
-        images.extend(load_image(path) for path in paths)
-    return images
+    return [load_image(path) for message in checked_messages(conversations) for path in message.get("images") or []]
