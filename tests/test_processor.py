@@ -242,8 +242,13 @@ def test_system_text_reaches_the_tokens(processor):
     assert with_prompt.input_ids[0].tolist() == expected
     decoded = processor.tokenizer.decode(with_prompt.input_ids[0])
     assert decoded == f"{processor.tokenizer.bos_token}Be brief.\n\n<|User|>: Hi\n\n<|Assistant|>:"
-    assert with_message.input_ids.tolist() == with_prompt.input_ids.tolist()
-    assert with_message.sft_format == with_prompt.sft_format
+
+    # A system message is tokenized as the original tokenizes it: its text alone, no blank line after.
+    tokenizer = processor.tokenizer
+    alone = tokenizer.encode("Be brief.", add_special_tokens=False)
+    question = reference_ids(processor, [("user", "Hi"), ("assistant", "")], [])
+    assert with_message.input_ids[0].tolist() == question[:1] + alone + question[1:]
+    assert with_message.sft_format == ["Be brief.<|User|>: Hi\n\n<|Assistant|>:"]
 
 
 def test_role_spellings_are_equivalent(processor):

@@ -4,8 +4,9 @@ A conversation reads::
 
     {system}\\n\\n<|User|>: {question}\\n\\n<|Assistant|>: {answer}<｜end▁of▁sentence｜><|User|>: ...
 
-and a prompt for generation ends with ``<|Assistant|>:``. The system block (text and blank line)
-is present only when there is system text. The model sees each user turn *together with* the
+and a prompt for generation ends with ``<|Assistant|>:``. The system block is present only when
+there is system text: ``system_prompt=`` text is followed by the blank line of the chat template; a
+``system`` message is followed by nothing, as the original tokenizes (and trained on) it. The model sees each user turn *together with* the
 assistant prompt that follows it, and each answer as a separate piece of text without the space
 after ``<|Assistant|>:``; :func:`format_user_turn` gives the first, the processor adds the second.
 :meth:`Conversation.get_prompt` is the readable form, with that space, as the original shows it.
@@ -30,11 +31,6 @@ _ROLE_ALIASES = {
     "assistant": ASSISTANT,
     SYSTEM: SYSTEM,
 }
-
-
-def format_system(system: str) -> str:
-    """The system block that precedes the first user turn ("" when there is no system text)."""
-    return f"{system}{TURN_SEP}" if system else ""
 
 
 def format_user_turn(question: str) -> str:
@@ -65,13 +61,19 @@ class Conversation:
 
     system: str = ""
     turns: list[tuple[str, str]] = field(default_factory=list)
+    system_separator: str = TURN_SEP  # "" for text from a system message
+
+    @property
+    def system_block(self) -> str:
+        """The text that precedes the first user turn ("" when there is no system text)."""
+        return f"{self.system}{self.system_separator}" if self.system else ""
 
     @classmethod
     def from_messages(cls, messages: Sequence[Mapping], system_prompt: str = "") -> Conversation:
         """Validate ``[{"role": ..., "content": ...}, ...]`` and put it in canonical form.
 
-        A ``system`` message may only come first; ``system_prompt`` is the same thing given as an
-        argument (give one or the other). The first turn must be the user's. A conversation that
+        A ``system`` message may only come first; ``system_prompt`` gives system text as an argument
+        instead (one or the other; they differ only in the blank line after the text). The first turn must be the user's. A conversation that
         ends with a user turn gets the empty assistant turn that asks the model to answer.
         """
         if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
@@ -94,7 +96,7 @@ class Conversation:
                     raise ValueError(f"a system message may only come first, found one at position {index}")
                 if conversation.system:
                     raise ValueError("system text given twice: as a system message and as system_prompt=")
-                conversation.system = content.strip()
+                conversation.system, conversation.system_separator = content.strip(), ""
             elif not conversation.turns and role != USER:
                 raise ValueError(f"the conversation must start with a user turn, message {index} is {role}")
             else:
@@ -108,7 +110,7 @@ class Conversation:
 
     def get_prompt(self) -> str:
         """The conversation as one readable string (the processor's ``sft_format``)."""
-        text = format_system(self.system)
+        text = self.system_block
         for role, message in self.turns:
             if not message:
                 text += f"{role}:"

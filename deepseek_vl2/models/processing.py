@@ -38,7 +38,7 @@ from transformers.utils import PROCESSOR_NAME, cached_file
 
 from ..utils.checkpoint import check_checkpoint_location
 from ..utils.io import to_rgb
-from .conversation import ASSISTANT, USER, Conversation, format_system, format_user_turn
+from .conversation import ASSISTANT, USER, Conversation, format_user_turn
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ class DeepseekVLV2Processor(ProcessorMixin):
                 image_mask += [False] * len(ids)
                 prompt_mask += [False] * len(ids)
                 continue
-            prompt = (format_system(conversation.system) if index == 0 else "") + format_user_turn(text)
+            prompt = (conversation.system_block if index == 0 else "") + format_user_turn(text)
             start = len(input_ids)
             for position, piece in enumerate(prompt.split(self.image_token)):
                 if position > 0:
@@ -430,8 +430,9 @@ class DeepseekVLV2Processor(ProcessorMixin):
             force_batchify: return a batch of one (:class:`BatchedInputs`) instead of a
                 :class:`ProcessedConversation`.
             inference_mode: drop the final EOS so the model continues the last assistant turn.
-            system_prompt: system text (or give a ``system`` message), placed before the first
-                user turn followed by a blank line.
+            system_prompt: system text, placed before the first user turn followed by a blank line
+                (the chat template's form). A ``system`` message instead is placed with no blank
+                line, exactly as the original processor tokenizes it.
         """
         sample = self.process_one(conversations, images, inference_mode, system_prompt)
         return self.batchify([sample]) if force_batchify else sample
