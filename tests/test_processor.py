@@ -263,6 +263,9 @@ def test_role_spellings_are_equivalent(processor):
         other = processor(conversations=conversation, images=[image])
         assert other.input_ids.tolist() == canonical.input_ids.tolist()
         assert other.sft_format == canonical.sft_format
+    system = processor(conversations=[{"role": "system", "content": "S"}, user("Q")])
+    api_system = processor(conversations=[{"role": "deepseekapi-sys", "content": "S"}, user("Q")])
+    assert api_system.input_ids.tolist() == system.input_ids.tolist()
 
 
 def test_ending_with_user_turn_equals_ending_with_empty_answer(processor):

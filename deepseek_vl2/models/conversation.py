@@ -30,6 +30,7 @@ _ROLE_ALIASES = {
     ASSISTANT.lower(): ASSISTANT,
     "assistant": ASSISTANT,
     SYSTEM: SYSTEM,
+    "deepseekapi-sys": SYSTEM,  # the original's other name for a system message
 }
 
 
