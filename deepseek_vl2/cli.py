@@ -235,17 +235,23 @@ def run(args: argparse.Namespace) -> int:
 def _configure_output(args: argparse.Namespace) -> None:
     """Library logs and progress bars as asked; an answer the terminal cannot encode is escaped, not lost."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
-    hub_logging.disable_propagation()  # it has its own handler: through ours too, every line came twice
+    _configure_hub_logging(args.verbose)
     if not args.verbose:
         hf_logging.set_verbosity_error()
-        hub_logging.set_verbosity_error()  # offline, a hub id logged each of its retries
         if args.quiet or args.json:
             hf_logging.disable_progress_bar()
     if not _stdout_is_unicode() and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+
+
+def _configure_hub_logging(verbose: bool) -> None:
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.disable_propagation()  # it has its own handler: through ours too, every line came twice
+    if not verbose:
+        hub_logging.set_verbosity_error()  # offline, a hub id logged each of its retries
 
 
 def _stdout_is_unicode() -> bool:
@@ -269,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plan"]:
         from .planner import main as plan_main
 
-        return plan_main(argv[1:])
+        try:
+            _configure_hub_logging(verbose=False)
+            return plan_main(argv[1:])
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
     args = build_parser().parse_args(argv)
     try:
         _configure_output(args)

@@ -114,6 +114,33 @@ def test_errors_are_one_line_without_traceback(args, message, capsys):
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_plan_offline_is_one_line_without_the_hub_retries(monkeypatch, capsys):
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    import deepseek_vl2.planner as planner
+
+    def offline(*args, **kwargs):
+        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise OSError("cannot reach the hub")
+
+    class Shown(logging.Handler):
+        records: list = []
+
+        def emit(self, record):
+            self.records.append(record.getMessage())
+
+    hub_root = logging.getLogger("huggingface_hub")
+    monkeypatch.setattr(hub_root, "level", hub_root.level)  # restored after the test
+    monkeypatch.setattr(hub_root, "propagate", hub_root.propagate)
+    monkeypatch.setattr(hub_root, "handlers", [*hub_root.handlers, Shown()])
+    monkeypatch.setattr(planner, "plan_memory", offline)
+    assert main(["plan", "--model", "org/name", "--gpu-memory", "1GiB"]) == 2
+    assert capsys.readouterr().err == "deepseek-vl2 plan: error: cannot reach the hub\n"
+    assert Shown.records == []
+
+
 def test_streamed_answer_is_the_answer_without_end_token(scripted):
     done = cli("--model_path", str(scripted), "--stream", "--quiet")
     assert done.returncode == 0, done.stderr
