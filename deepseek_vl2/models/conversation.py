@@ -6,9 +6,10 @@ A conversation reads::
 
 and a prompt for generation ends with ``<|Assistant|>:``. The system block is present only when
 there is system text: ``system_prompt=`` text is followed by the blank line of the chat template; a
-``system`` message is followed by nothing, as the original tokenizes (and trained on) it. The model sees each user turn *together with* the
-assistant prompt that follows it, and each answer as a separate piece of text without the space
-after ``<|Assistant|>:``; :func:`format_user_turn` gives the first, the processor adds the second.
+``system`` message is followed by nothing, as the original tokenizes (and trained on) it. The model
+sees each user turn *together with* the assistant prompt that follows it, and each answer as a
+separate piece of text without the space after ``<|Assistant|>:``; :func:`format_user_turn` gives
+the first, the processor adds the second.
 :meth:`Conversation.get_prompt` is the readable form, with that space, as the original shows it.
 """
 
@@ -74,8 +75,9 @@ class Conversation:
         """Validate ``[{"role": ..., "content": ...}, ...]`` and put it in canonical form.
 
         A ``system`` message may only come first; ``system_prompt`` gives system text as an argument
-        instead (one or the other; they differ only in the blank line after the text). The first turn must be the user's. A conversation that
-        ends with a user turn gets the empty assistant turn that asks the model to answer.
+        instead (one or the other; they differ only in the blank line after the text). The first turn
+        must be the user's. A conversation that ends with a user turn gets the empty assistant turn that
+        asks the model to answer.
         """
         if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
             raise TypeError(f"conversations must be a list of message dicts, got {type(messages).__name__}")

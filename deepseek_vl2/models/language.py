@@ -261,7 +261,10 @@ class DeepseekV2RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of ``x`` [batch, heads, seq, dim]: ``x cos + (-x2, x1) sin``, as ``x cos + (x2, x1) signed_sin``."""
+    """Rotate-half RoPE of ``x`` [batch, heads, seq, dim].
+
+    ``x cos + (-x2, x1) sin``, computed as ``x cos + (x2, x1) signed_sin``.
+    """
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
