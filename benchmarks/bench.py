@@ -34,14 +34,11 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from published_configs import VARIANTS, published_config  # noqa: E402
-
-from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor  # noqa: E402
-from deepseek_vl2.models.language import DeepseekV2MoE  # noqa: E402
-from deepseek_vl2.testing.checkpoints import CANDIDATE_RESOLUTIONS  # noqa: E402
-from deepseek_vl2.testing.tokenizer import build_tokenizer  # noqa: E402
+from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from deepseek_vl2.models.language import DeepseekV2MoE
+from deepseek_vl2.testing.checkpoints import CANDIDATE_RESOLUTIONS
+from deepseek_vl2.testing.published import VARIANTS, published_config
+from deepseek_vl2.testing.tokenizer import build_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 WORKLOADS = ("one_image", "three_images", "text")

@@ -5,9 +5,7 @@ There is no GPU here, so spreading over devices is tested with "cpu" (executed i
 on the meta device with the published small config.
 """
 
-import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +15,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
 from deepseek_vl2.planner import auto_device_map, meta_model, weight_bytes
+from deepseek_vl2.testing.published import published_config
 
-LAYOUT_DIR = Path(__file__).resolve().parents[2] / "shared" / "checkpoint-layout"
 IMAGE_INPUTS = ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop")
 VISION_SIDE = ("image_newline", "view_seperator", "vision", "projector", "language.model.embed_tokens")
 
@@ -138,10 +136,7 @@ def test_device_map_auto_offloads_to_disk_when_ram_is_short(checkpoint_dir, load
 
 @pytest.fixture(scope="module")
 def published_small() -> torch.nn.Module:
-    path = LAYOUT_DIR / "small.json"
-    if not path.exists():
-        pytest.skip(f"checkpoint layout {path} is not available beside this checkout")
-    config = DeepseekVLV2Config(**json.loads(path.read_text())["config"])
+    config = DeepseekVLV2Config(**published_config("small"))
     return meta_model(config, torch.bfloat16)
 
 

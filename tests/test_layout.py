@@ -1,28 +1,18 @@
-"""The published checkpoints' tensors are exactly the ones our model loads and saves."""
+"""The published checkpoints' tensors are exactly the ones our model loads and saves; look-alikes are refused."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers.core_model_loading import revert_weight_conversion
 
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
-
-LAYOUT_DIR = Path(__file__).resolve().parents[2] / "shared" / "checkpoint-layout"
-VARIANTS = ["tiny", "small", "base"]
-
-
-def published(variant: str) -> dict:
-    path = LAYOUT_DIR / f"{variant}.json"
-    if not path.exists():
-        pytest.skip(f"checkpoint layout {path} is not available beside this checkout")
-    return json.loads(path.read_text())
+from deepseek_vl2.testing.published import VARIANTS, published_layout
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_model_tensors_match_published_checkpoint(variant):
-    layout = published(variant)
+    layout = published_layout(variant)
     config = DeepseekVLV2Config(**layout["config"])
     with torch.device("meta"):
         model = DeepseekVLV2ForCausalLM(config)
@@ -38,7 +28,7 @@ def test_model_tensors_match_published_checkpoint(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_published_config_defaults(variant):
     """Fields the published files leave out take the original config class's defaults."""
-    layout = published(variant)
+    layout = published_layout(variant)
     config = DeepseekVLV2Config(**layout["config"])
     language = config.language_config
     assert config.vision_config.image_size == 384 and config.vision_config.heads == 16
@@ -64,3 +54,41 @@ def test_published_config_defaults(variant):
         assert language.num_hidden_layers == 30 and language.num_attention_heads == 32
         assert language.topk_method == "noaux_tc" and language.scoring_func == "sigmoid"
         assert language.norm_topk_prob is True and language.routed_scaling_factor == 2.0
+
+
+def other_model_config(architecture: str) -> dict:
+    """A config.json shaped like DeepSeek-OCR's and DeepSeek-OCR-2's: DeepSeek-VL2's model_type, another tower."""
+    config = published_layout("tiny")["config"]
+    config["architectures"] = [architecture]
+    config["candidate_resolutions"] = [[1024, 1024]]
+    config["vision_config"] = {
+        "image_size": 1024, "mlp_ratio": 3.7362, "model_name": "deeplip_b_l", "model_type": "vision",
+        "width": {"clip-l-14-224": {"heads": 16, "image_size": 224, "layers": 24, "patch_size": 14, "width": 1024},
+                  "sam_vit_b": {"downsample_channels": [512, 1024], "global_attn_indexes": [2, 5, 8, 11],
+                                "heads": 12, "layers": 12, "width": 768}},
+    }  # fmt: skip
+    config["projector_config"] = {"input_dim": 2048, "model_type": "mlp_projector", "n_embed": 1280,
+                                  "projector_type": "linear"}  # fmt: skip
+    return config
+
+
+@pytest.mark.parametrize(
+    "architecture, model", [("DeepseekOCRForCausalLM", "DeepSeek-OCR"), ("DeepseekOCR2ForCausalLM", "DeepSeek-OCR-2")]
+)
+def test_ocr_checkpoints_are_refused_before_any_weight_is_read(architecture, model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from deepseek_vl2.planner import load_config
+
+    (tmp_path / "config.json").write_text(json.dumps(other_model_config(architecture)))
+    (tmp_path / "model.safetensors").write_bytes(b"not read: the config is refused first")
+    expected = rf"this is a {model} checkpoint \(architectures: {architecture}\).*deepseek_ocr2"
+    for load in (DeepseekVLV2ForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained, load_config):
+        with pytest.raises(ValueError, match=expected):
+            load(tmp_path)
+
+
+def test_our_saved_architectures_are_accepted():
+    saved = {**published_layout("tiny")["config"], "architectures": ["DeepseekVLV2ForCausalLM"]}
+    config = DeepseekVLV2Config.from_dict(saved)
+    assert config.architectures == ["DeepseekVLV2ForCausalLM"]

@@ -31,9 +31,9 @@ from deepseek_vl2.planner import (
     weight_bytes,
 )
 from deepseek_vl2.testing.checkpoints import published_style_config
+from deepseek_vl2.testing.published import published_config
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUT_DIR = ROOT.parent / "shared" / "checkpoint-layout"
 TOLERANCE = 0.20
 PROMPT_LENGTHS = (512, 1024, 2048)
 CHUNK_SIZE = 384
@@ -216,19 +216,12 @@ def test_weight_bytes_match_the_loaded_model(loaded):
     assert planned["embeddings"] == model.get_input_embeddings().weight.nbytes
 
 
-def published(variant: str) -> Path:
-    path = LAYOUT_DIR / f"{variant}.json"
-    if not path.exists():
-        pytest.skip(f"checkpoint layout {path} is not available beside this checkout")
-    return path
-
-
 @pytest.fixture
 def published_config_file(tmp_path):
     def write(variant: str) -> Path:
         target = tmp_path / variant / "config.json"
         target.parent.mkdir()
-        target.write_text(json.dumps(json.loads(published(variant).read_text())["config"]))
+        target.write_text(json.dumps(published_config(variant)))
         return target
 
     return write

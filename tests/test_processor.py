@@ -8,7 +8,6 @@ code under test.
 import json
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +19,10 @@ from transformers import PreTrainedTokenizerFast
 
 from deepseek_vl2.models.processing import DeepseekVLV2Processor, select_best_resolution
 from deepseek_vl2.testing.checkpoints import CANDIDATE_RESOLUTIONS
+from deepseek_vl2.testing.published import published_layout
 from deepseek_vl2.testing.tokenizer import build_tokenizer
 from deepseek_vl2.utils.io import load_image, load_pil_images
 
-LAYOUT_DIR = Path(__file__).resolve().parents[2] / "shared" / "checkpoint-layout"
 EOS_TEXT = "<｜end▁of▁sentence｜>"
 ADDED_TOKENS = ["<image>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", "<|User|>", "<|Assistant|>"]
 TILE = 384
@@ -544,10 +543,7 @@ def test_save_and_load_round_trip(tokenizer_dirs, flavor, tmp_path, capfd):
 def test_saved_processor_config_matches_published(tokenizer_dirs, tmp_path):
     new_processor(tokenizer_dirs).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
-    path = LAYOUT_DIR / "tiny.json"
-    if not path.exists():
-        pytest.skip(f"checkpoint layout {path} is not available beside this checkout")
-    assert saved == json.loads(path.read_text())["processor_config"]
+    assert saved == published_layout("tiny")["processor_config"]
 
 
 def test_published_token_ids_are_reproduced_from_a_published_size_vocabulary(tokenizer_dirs):

@@ -3,7 +3,6 @@
 import re
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_ID_LINE = 'model_path = "deepseek-ai/deepseek-vl2-tiny"'

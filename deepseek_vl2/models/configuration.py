@@ -160,7 +160,28 @@ class DeepseekVLV2Config(PretrainedConfig):
                 f"this checkpoint is a {found!r} model, not DeepSeek-VL2 (its config.json must say "
                 f"model_type {cls.model_type!r})"
             )
+        check_architectures(config_dict.get("architectures"))
         return super().from_dict(config_dict, **kwargs)
+
+
+# Checkpoints that share DeepSeek-VL2's model_type but are other models: their vision tower differs.
+OTHER_MODELS_OF_THIS_TYPE = {"DeepseekOCRForCausalLM": "DeepSeek-OCR", "DeepseekOCR2ForCausalLM": "DeepSeek-OCR-2"}
+
+
+def check_architectures(architectures: list[str] | None) -> None:
+    """ValueError, before any weight is read, for a config whose ``architectures`` name another model.
+
+    The published DeepSeek-VL2 configs name none; ours, once saved, name ``DeepseekVLV2ForCausalLM``.
+    """
+    if not architectures or any(name.startswith("DeepseekVLV2") for name in architectures):
+        return
+    known = [OTHER_MODELS_OF_THIS_TYPE[name] for name in architectures if name in OTHER_MODELS_OF_THIS_TYPE]
+    what = f"a {known[0]} checkpoint" if known else "not a DeepSeek-VL2 checkpoint"
+    raise ValueError(
+        f"this is {what} (architectures: {', '.join(architectures)}): it shares DeepSeek-VL2's model_type "
+        f"{DeepseekVLV2Config.model_type!r} but has another vision tower, which this library does not run. "
+        "transformers loads DeepSeek-OCR-2 natively (model type 'deepseek_ocr2', AutoModelForImageTextToText)."
+    )
 
 
 __all__ = ["VisionEncoderConfig", "MlpProjectorConfig", "DeepseekV2Config", "DeepseekVLV2Config"]

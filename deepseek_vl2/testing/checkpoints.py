@@ -17,16 +17,11 @@ import torch
 from ..models.configuration import DeepseekVLV2Config
 from ..models.modeling import DeepseekVLV2ForCausalLM
 from ..models.processing import DeepseekVLV2Processor
+from .published import VARIANTS, published_config
 from .tokenizer import build_tokenizer
 
 # The 23 tile grids of the published checkpoints (multiples of 384 px, at most 9 tiles).
-CANDIDATE_RESOLUTIONS = [
-    [384, 384], [384, 768], [768, 384], [384, 1152], [1152, 384], [384, 1536], [1536, 384], [768, 768],
-    [384, 1920], [1920, 384], [384, 2304], [2304, 384], [768, 1152], [1152, 768], [384, 2688], [2688, 384],
-    [384, 3072], [3072, 384], [768, 1536], [1536, 768], [384, 3456], [3456, 384], [1152, 1152],
-]  # fmt: skip
-
-VARIANTS = ("tiny", "small", "base")
+CANDIDATE_RESOLUTIONS = published_config("tiny")["candidate_resolutions"]
 
 # Language settings per variant, with the key set of the published config it imitates
 # (the small and base files leave many fields to the config class's defaults).
