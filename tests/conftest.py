@@ -1,5 +1,7 @@
 """Shared fixtures: small random-weight checkpoints in the published on-disk format, built once."""
 
+import signal
+
 import pytest
 import torch
 
@@ -35,3 +37,17 @@ def loaded(checkpoint_dir):
         return cache[variant]
 
     return get
+
+
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt during the test, even where the run started with SIGINT ignored.
+
+    A shell starts background jobs (``nohup pytest &``) with SIGINT ignored, and then
+    ``_thread.interrupt_main()`` does nothing: a test that waits for its KeyboardInterrupt would hang.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

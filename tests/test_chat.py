@@ -122,7 +122,7 @@ def test_closing_the_stream_stops_generation(chat):
     assert chat.chat("Hi.", greedy=True, max_new_tokens=2).new_tokens >= 1
 
 
-def test_ctrl_c_leaves_the_model_usable(chat):
+def test_ctrl_c_leaves_the_model_usable(chat, sigint_raises):
     import _thread
     import time
 

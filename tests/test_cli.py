@@ -156,7 +156,7 @@ def test_save_vis_without_boxes_says_nothing_was_saved(checkpoint_dir, tmp_path,
     assert not overlay.exists()
 
 
-def test_ctrl_c_while_streaming_ends_the_line_and_exits_130(checkpoint_dir, capsys, monkeypatch):
+def test_ctrl_c_while_streaming_ends_the_line_and_exits_130(checkpoint_dir, capsys, monkeypatch, sigint_raises):
     import _thread
 
     from deepseek_vl2.chat import DeepseekVL2Chat
