@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .models.conversation import EOS as END_OF_SENTENCE
+
 REF_OPEN, REF_CLOSE = "<|ref|>", "<|/ref|>"
 DET_OPEN, DET_CLOSE = "<|det|>", "<|/det|>"
 GROUNDING = "<|grounding|>"
-END_OF_SENTENCE = "<｜end▁of▁sentence｜>"
 GRID_MAX = 999
 
 _TAGS = (REF_OPEN, REF_CLOSE, DET_OPEN, DET_CLOSE, GROUNDING, END_OF_SENTENCE)

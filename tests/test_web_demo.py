@@ -183,6 +183,20 @@ def tiny_chat(checkpoint_dir):
     return DeepseekVL2Chat.from_pretrained(checkpoint_dir("tiny"), dtype="float32")
 
 
+@pytest.mark.parametrize(
+    "text, count, prompt",
+    [
+        ("Compare.", 2, "<image>\n<image>\nCompare."),
+        ("Is <image> a street?", 1, "Is <image> a street?"),
+        ("Hi", 0, "Hi"),
+    ],
+)
+def test_the_page_and_the_chat_api_place_images_alike(tiny_chat, text, count, prompt):
+    images = [str(IMAGES / "street.png")] * count
+    conversation, _ = tiny_chat.build_conversation(text, images)
+    assert user_message(Turn(text, images))["content"] == conversation[-2]["content"] == prompt
+
+
 @needs_gradio
 def test_respond_streams_then_shows_the_overlay_image(tiny_chat, tmp_path, monkeypatch):
     from deepseek_vl2.web.app import ChatApp

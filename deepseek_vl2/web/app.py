@@ -20,9 +20,9 @@ from gradio.processing_utils import save_pil_to_cache
 from gradio.utils import get_upload_folder
 
 from ..chat import ContextTooLongError, DeepseekVL2Chat, GenerationSettings
+from ..models.conversation import IMAGE_TOKEN
 from .context import context_limit, fit_history
 from .session import (
-    IMAGE_TOKEN,
     Turn,
     chat_messages,
     deleted_note,
@@ -267,7 +267,7 @@ class ChatApp:
                 with gr.Column(scale=3):
                     chatbot = gr.Chatbot(
                         label="Chat", elem_id="chat", height=520, buttons=["copy", "copy_all"], feedback_options=None,
-                        allow_tags=["image"],  # show the <image> placeholder as text, not as an HTML tag
+                        allow_tags=[IMAGE_TOKEN.strip("<>")],  # show <image> as text, not as an HTML tag
                     )  # fmt: skip
                     textbox = gr.MultimodalTextbox(
                         file_types=["image"],

@@ -12,11 +12,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..chat import ASSISTANT, USER, ChatResult
+from ..chat import ChatResult
 from ..grounding import clean_answer, draw_on_images
+from ..models.conversation import ASSISTANT, USER, place_images
 from ..utils.io import load_image
-
-IMAGE_TOKEN = "<image>"
 
 
 @dataclass
@@ -34,9 +33,7 @@ class Turn:
     @property
     def prompt(self) -> str:
         """The user message as the model reads it: one ``<image>`` per attached image, first, unless placed."""
-        if self.images and IMAGE_TOKEN not in self.text:
-            return f"{IMAGE_TOKEN}\n" * len(self.images) + self.text
-        return self.text
+        return place_images(self.text, len(self.images))
 
     @property
     def answered(self) -> bool:
