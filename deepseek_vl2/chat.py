@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .grounding import GroundingResult, clean_answer, parse_grounding
+from .grounding import GROUNDED_IMAGE, GroundingResult, clean_answer, overlays, parse_grounding
 from .models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from .models.conversation import ASSISTANT, SYSTEM, USER, place_images
 from .utils.dtypes import parse_dtype
@@ -99,6 +99,14 @@ class ChatResult:
     prompt_tokens: int
     new_tokens: int
     timings: dict = field(default_factory=dict)  # seconds: prefill (to first token), decode; tokens_per_s
+
+    def grounding_json(self) -> dict:
+        """``boxes`` (0-999 grid, and pixels of the image they are on) and ``grounding_problems``, for JSON."""
+        return self.grounding.to_json(self.images[GROUNDED_IMAGE].size if self.images else None)
+
+    def grounding_overlays(self) -> list[Image.Image]:
+        """Annotated copies of the conversation's images that the answer's boxes are on (maybe an earlier turn's)."""
+        return overlays(self.images, self.grounding)
 
 
 class _QueueStreamer(BaseStreamer):

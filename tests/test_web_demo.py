@@ -27,7 +27,7 @@ from deepseek_vl2.chat import ChatResult, ContextTooLongError, DeepseekVL2Chat
 from deepseek_vl2.grounding import clean_answer, parse_grounding
 from deepseek_vl2.utils.io import load_pil_images
 from deepseek_vl2.web.context import count_prompt_tokens, fit_history
-from deepseek_vl2.web.session import Turn, chat_messages, model_history, overlay_images, turn_gallery, user_message
+from deepseek_vl2.web.session import Turn, chat_messages, model_history, turn_gallery, user_message
 
 REPO = Path(__file__).resolve().parents[1]
 WEB_DEMO = REPO / "web_demo.py"
@@ -132,12 +132,12 @@ def grounded_result(images: list[Image.Image]) -> ChatResult:
 
 def test_grounding_answer_gets_an_overlay_in_the_chat_and_the_gallery(tmp_path):
     first, last = Image.new("RGB", (200, 100), "white"), Image.new("RGB", (200, 100), "white")
-    overlays = overlay_images(grounded_result([first, last]))
+    overlays = grounded_result([first, last]).grounding_overlays()
     assert len(overlays) == 1  # drawn on the last image only, the one the model grounds on
     drawn = overlays[0]
     assert drawn.size == (200, 100) and drawn.getpixel((round(10 * 200 / 999), 30)) != (255, 255, 255)
     assert drawn.getpixel((150, 80)) == (255, 255, 255)  # outside the box nothing changed
-    assert overlay_images(grounded_result([])) == []  # text-only chat: nothing to draw on
+    assert grounded_result([]).grounding_overlays() == []  # text-only chat: nothing to draw on
 
     path = tmp_path / "overlay.png"
     drawn.save(path)

@@ -28,7 +28,6 @@ from .session import (
     deleted_note,
     dropped_note,
     model_history,
-    overlay_images,
     read_upload,
     read_uploads,
     status_line,
@@ -198,7 +197,7 @@ class ChatApp:
                 stream.close()  # ends the model's generation at the next token, also if Gradio closes us
             if result is not None:
                 turn.answer = result.answer
-                turn.overlays = [self._save_image(image) for image in overlay_images(result)]
+                turn.overlays = [self._save_image(image) for image in result.grounding_overlays()]
                 status = status_line(result, fitted.dropped_turns)
         except ContextTooLongError as error:
             turn.error, status = str(error), "The message does not fit the context."
