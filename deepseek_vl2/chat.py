@@ -22,12 +22,11 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .grounding import GroundingResult, clean_answer, parse_grounding
+from .grounding import GROUNDED_IMAGE, GroundingResult, clean_answer, overlays, parse_grounding
 from .models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from .models.conversation import ASSISTANT, SYSTEM, USER, place_images
 from .utils.dtypes import parse_dtype
 from .utils.io import checked_messages, load_image
-
-USER, ASSISTANT = "<|User|>", "<|Assistant|>"
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -100,6 +99,14 @@ class ChatResult:
     prompt_tokens: int
     new_tokens: int
     timings: dict = field(default_factory=dict)  # seconds: prefill (to first token), decode; tokens_per_s
+
+    def grounding_json(self) -> dict:
+        """``boxes`` (0-999 grid, and pixels of the image they are on) and ``grounding_problems``, for JSON."""
+        return self.grounding.to_json(self.images[GROUNDED_IMAGE].size if self.images else None)
+
+    def grounding_overlays(self) -> list[Image.Image]:
+        """Annotated copies of the conversation's images that the answer's boxes are on (maybe an earlier turn's)."""
+        return overlays(self.images, self.grounding)
 
 
 class _QueueStreamer(BaseStreamer):
@@ -204,8 +211,6 @@ class DeepseekVL2Chat:
         system: str | None = None,
     ) -> tuple[list[dict], list[Image.Image]]:
         """The conversation for one more user turn, and every image in it as RGB PIL images."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         if images is None:
             images = []
         elif isinstance(images, (str, os.PathLike, Image.Image)):
@@ -213,13 +218,11 @@ class DeepseekVL2Chat:
         elif not isinstance(images, Iterable):
             raise TypeError(f"images must be a list of file paths or PIL images, got {type(images).__name__}")
         loaded = [load_image(image) for image in images]
-        if loaded and "<image>" not in prompt:
-            prompt = "<image>\n" * len(loaded) + prompt
         conversation = _copy_history(history)
         if system:
-            conversation = [m for m in conversation if m.get("role") != "system"]
-            conversation.insert(0, {"role": "system", "content": system})
-        conversation.append({"role": USER, "content": prompt, "images": loaded})
+            conversation = [m for m in conversation if m.get("role") != SYSTEM]
+            conversation.insert(0, {"role": SYSTEM, "content": system})
+        conversation.append({"role": USER, "content": place_images(prompt, len(loaded)), "images": loaded})
         conversation.append({"role": ASSISTANT, "content": ""})
         all_images = [image for message in conversation for image in message.get("images") or []]
         return conversation, [load_image(image) for image in all_images]

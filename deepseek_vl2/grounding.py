@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .models.conversation import EOS as END_OF_SENTENCE
+
 REF_OPEN, REF_CLOSE = "<|ref|>", "<|/ref|>"
 DET_OPEN, DET_CLOSE = "<|det|>", "<|/det|>"
 GROUNDING = "<|grounding|>"
-END_OF_SENTENCE = "<｜end▁of▁sentence｜>"
 GRID_MAX = 999
+GROUNDED_IMAGE = -1  # index of the image the boxes are on: the model was trained to ground on the last one
 
 _TAGS = (REF_OPEN, REF_CLOSE, DET_OPEN, DET_CLOSE, GROUNDING, END_OF_SENTENCE)
 _TAG = re.compile("(" + "|".join(re.escape(tag) for tag in _TAGS) + ")")
@@ -74,6 +76,13 @@ class GroundedObject:
     def pixel_boxes(self, width: float, height: float) -> list[tuple[float, float, float, float]]:
         return [box.to_pixels(width, height) for box in self.boxes]
 
+    def to_json(self, image_size: tuple[float, float] | None = None) -> dict:
+        """``label`` and ``boxes_0_999``, plus ``boxes_pixels`` when the (width, height) of the image is given."""
+        entry = {"label": self.label, "boxes_0_999": [[box.x1, box.y1, box.x2, box.y2] for box in self.boxes]}
+        if image_size is not None:
+            entry["boxes_pixels"] = [list(box) for box in self.pixel_boxes(*_checked_size_pair(image_size))]
+        return entry
+
 
 @dataclass
 class GroundingResult:
@@ -81,6 +90,16 @@ class GroundingResult:
 
     objects: list[GroundedObject] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+    def to_json(self, image_size: tuple[float, float] | None = None) -> dict:
+        """The result as JSON-ready ``boxes`` and ``grounding_problems`` (the CLI's ``--json`` keys).
+
+        Boxes are in pixels too when ``image_size``, the (width, height) of the image they are on, is given.
+        """
+        return {
+            "boxes": [obj.to_json(image_size) for obj in self.objects],
+            "grounding_problems": list(self.problems),
+        }
 
 
 @dataclass(frozen=True)
@@ -263,6 +282,12 @@ def _snippet(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _checked_size_pair(image_size: object) -> tuple[float, float]:
+    if not isinstance(image_size, Sequence) or isinstance(image_size, str) or len(image_size) != 2:
+        raise TypeError(f"image_size must be a (width, height) pair, got {image_size!r}")
+    return image_size[0], image_size[1]
+
+
 def _check_size(width: float, height: float):
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -302,9 +327,7 @@ def draw_grounding(
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-    objects = list(objects.objects if isinstance(objects, GroundingResult) else objects)
-    if not all(isinstance(obj, GroundedObject) for obj in objects):
-        raise TypeError("objects must be a GroundingResult or GroundedObject instances")
+    objects = _object_list(objects)
     canvas = image.convert("RGB")  # a copy, as the model sees it (alpha dropped)
     width, height = canvas.size
     short_side = min(width, height)
@@ -333,7 +356,7 @@ def draw_grounding(
 def draw_on_images(
     images: Sequence[Image.Image],
     result: GroundingResult | Iterable[GroundedObject],
-    image_index: int = -1,
+    image_index: int = GROUNDED_IMAGE,
     **draw_options,
 ) -> list[Image.Image]:
     """The images with one replaced by its annotated copy: the last by default, as the model was trained
@@ -347,6 +370,27 @@ def draw_on_images(
         raise ValueError(f"image_index {image_index} is out of range for {len(images)} images")
     images[image_index] = draw_grounding(images[image_index], result, **draw_options)
     return images
+
+
+def overlays(
+    images: Sequence[Image.Image], result: GroundingResult | Iterable[GroundedObject], **draw_options
+) -> list[Image.Image]:
+    """Annotated copies of the images that have boxes: none for an answer without boxes or a chat without images.
+
+    ``draw_options`` (``image_index`` included) go to ``draw_on_images``.
+    """
+    images, objects = list(images), _object_list(result)
+    if not objects or not images:
+        return []
+    annotated = draw_on_images(images, objects, **draw_options)
+    return [image for image, original in zip(annotated, images) if image is not original]
+
+
+def _object_list(objects: GroundingResult | Iterable[GroundedObject]) -> list[GroundedObject]:
+    objects = list(objects.objects if isinstance(objects, GroundingResult) else objects)
+    if not all(isinstance(obj, GroundedObject) for obj in objects):
+        raise TypeError("objects must be a GroundingResult or GroundedObject instances")
+    return objects
 
 
 def _colours_by_label(objects: list[GroundedObject]) -> list[tuple[int, int, int]]:

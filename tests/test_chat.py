@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from deepseek_vl2.chat import ChatResult, DeepseekVL2Chat, GenerationSettings, pick_device, pick_dtype
+from deepseek_vl2.grounding import draw_grounding
 from deepseek_vl2.testing.checkpoints import build_checkpoint
 from deepseek_vl2.testing.scripted import script_checkpoint
 
@@ -61,6 +62,25 @@ def test_grounding_answer_end_to_end(scripted_chat):
     assert car.label == "the red car"
     width, height = result.images[-1].size
     assert car.pixel_boxes(width, height) == [pytest.approx((100 * width / 999, 600 * height / 999, 370 * width / 999, 830 * height / 999))]
+
+
+def test_grounding_json_and_overlays_are_for_the_last_image(scripted_chat):
+    result = scripted_chat.chat("Where is the red car?", images=["images/shapes.png", STREET])
+    width, height = result.images[-1].size
+    assert result.grounding_json() == {
+        "boxes": [{
+            "label": "the red car",
+            "boxes_0_999": [[100, 600, 370, 830]],
+            "boxes_pixels": [[100 * width / 999, 600 * height / 999, 370 * width / 999, 830 * height / 999]],
+        }],
+        "grounding_problems": [],
+    }  # fmt: skip
+    (overlay,) = result.grounding_overlays()
+    assert overlay.tobytes() == draw_grounding(result.images[-1], result.grounding).tobytes()
+
+    text_only = scripted_chat.chat("Where is the red car?")
+    assert text_only.grounding_json()["boxes"] == [{"label": "the red car", "boxes_0_999": [[100, 600, 370, 830]]}]
+    assert text_only.grounding_overlays() == []
 
 
 def test_failure_in_generation_reaches_the_caller_and_chat_stays_usable(chat, monkeypatch):

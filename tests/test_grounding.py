@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import builtins
 import importlib.util
 import os
@@ -26,6 +27,7 @@ from deepseek_vl2.grounding import (
     clean_answer,
     draw_grounding,
     draw_on_images,
+    overlays,
     parse_grounding,
 )
 
@@ -187,6 +189,40 @@ def test_pixel_conversion_rejects_bad_sizes(size):
 def test_box_rejects_invalid_corners(corners):
     with pytest.raises(ValueError, match="Box"):
         Box(*corners)
+
+
+# ---- JSON -----------------------------------------------------------------------------------------
+
+
+def test_result_to_json_gives_grid_and_pixel_boxes_and_problems():
+    answer = grounded("the red car", (100, 600, 370, 830), (0, 0, 999, 999)) + " and " + grounded(None, (1, 2, 3, 4))
+    result = parse_grounding(answer + END_OF_SENTENCE)
+    expected = {
+        "boxes": [
+            {
+                "label": "the red car",
+                "boxes_0_999": [[100, 600, 370, 830], [0, 0, 999, 999]],
+                "boxes_pixels": [[100 * 800 / 999, 600 * 520 / 999, 370 * 800 / 999, 830 * 520 / 999],
+                                 [0.0, 0.0, 800.0, 520.0]],
+            },
+            {"label": None, "boxes_0_999": [[1, 2, 3, 4]],
+             "boxes_pixels": [[800 / 999, 1040 / 999, 2400 / 999, 2080 / 999]]},
+        ],
+        "grounding_problems": ["<|det|>[[1, 2, 3, 4]]<|/det|> has no <|ref|> label before it"],
+    }  # fmt: skip
+    assert result.to_json((800, 520)) == expected
+    assert json.loads(json.dumps(result.to_json((800, 520)))) == expected
+    for entry in expected["boxes"]:
+        del entry["boxes_pixels"]
+    assert result.to_json() == expected  # no image: grid boxes only
+    assert GroundingResult().to_json((800, 520)) == {"boxes": [], "grounding_problems": []}
+
+
+@pytest.mark.parametrize(("size", "error"), [((800,), TypeError), ("800x520", TypeError), (800, TypeError),
+                                             ((0, 520), ValueError), ((800, None), ValueError)])
+def test_result_to_json_rejects_a_bad_image_size(size, error):
+    with pytest.raises(error, match="image_size|width|height"):
+        parse_grounding(grounded("car", (1, 2, 3, 4))).to_json(size)
 
 
 # ---- properties -----------------------------------------------------------------------------------
@@ -363,6 +399,22 @@ def test_multi_image_draws_on_the_last_by_default():
 def test_multi_image_rejects_bad_index(count, index, error):
     with pytest.raises(error, match="image"):
         draw_on_images([Image.new("RGB", (8, 8))] * count, GroundingResult(), image_index=index)
+
+
+def test_overlays_are_annotated_copies_of_the_images_with_boxes():
+    images = [Image.new("RGB", (64, 48), colour) for colour in ((200, 0, 0), (0, 0, 200))]
+    result = parse_grounding(grounded("cube", (100, 100, 600, 600)))
+
+    (last,) = overlays(images, result)
+    assert changed(draw_grounding(images[1], result), last).getbbox() is None
+    assert changed(images[1], last).getbbox() is not None and images[1].getpixel((6, 20)) == (0, 0, 200)
+    (first,) = overlays(images, result.objects, image_index=0)
+    assert changed(draw_grounding(images[0], result), first).getbbox() is None
+
+    assert overlays(images, parse_grounding("No boxes here.")) == []
+    assert overlays([], result) == []  # a text-only chat: nothing to draw on
+    with pytest.raises(TypeError, match="GroundedObject"):
+        overlays(images, ["cube"])
 
 
 # ---- sample images --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 from transformers import PreTrainedTokenizerFast
 
+from deepseek_vl2.models.conversation import place_images
 from deepseek_vl2.models.processing import DeepseekVLV2Processor, select_best_resolution
 from deepseek_vl2.testing.checkpoints import CANDIDATE_RESOLUTIONS
 from deepseek_vl2.testing.published import published_layout
@@ -274,6 +275,40 @@ def test_ending_with_user_turn_equals_ending_with_empty_answer(processor):
     for name in ("input_ids", "labels", "images_seq_mask", "images", "images_spatial_crop"):
         assert torch.equal(getattr(open_end, name), getattr(closed, name)), name
     assert open_end.sft_format == closed.sft_format
+
+
+@pytest.mark.parametrize(
+    "prompt, count, placed",
+    [
+        ("Describe.", 2, "<image>\n<image>\nDescribe."),
+        ("", 1, "<image>\n"),
+        ("Describe.", 0, "Describe."),
+        ("Compare <image> with <image>.", 2, "Compare <image> with <image>."),
+    ],
+)
+def test_images_go_first_unless_the_prompt_places_them(prompt, count, placed):
+    assert place_images(prompt, count) == placed
+
+
+def test_a_prompt_that_places_too_few_images_is_left_for_the_processor_to_refuse(processor):
+    prompt = place_images("<image> and which other?", 2)
+    assert prompt == "<image> and which other?"
+    with pytest.raises(ValueError, match=r"1 <image> placeholder\(s\) but 2 image\(s\)"):
+        processor(conversations=[user(prompt)], images=[noise_image(40, 30)] * 2)
+
+
+@pytest.mark.parametrize(
+    "prompt, count, error, message",
+    [
+        (None, 1, TypeError, "prompt must be a string, got NoneType"),
+        ("Hi", "2", TypeError, "image_count must be an int, got str"),
+        ("Hi", True, TypeError, "image_count must be an int, got bool"),
+        ("Hi", -1, ValueError, "image_count must be >= 0, got -1"),
+    ],
+)
+def test_place_images_names_a_bad_argument(prompt, count, error, message):
+    with pytest.raises(error, match=message):
+        place_images(prompt, count)
 
 
 def test_training_mode_keeps_eos_and_labels_skip_images(tokenizer_dirs):

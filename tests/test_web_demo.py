@@ -27,7 +27,7 @@ from deepseek_vl2.chat import ChatResult, ContextTooLongError, DeepseekVL2Chat
 from deepseek_vl2.grounding import clean_answer, parse_grounding
 from deepseek_vl2.utils.io import load_pil_images
 from deepseek_vl2.web.context import count_prompt_tokens, fit_history
-from deepseek_vl2.web.session import Turn, chat_messages, model_history, overlay_images, turn_gallery, user_message
+from deepseek_vl2.web.session import Turn, chat_messages, model_history, turn_gallery, user_message
 
 REPO = Path(__file__).resolve().parents[1]
 WEB_DEMO = REPO / "web_demo.py"
@@ -132,12 +132,12 @@ def grounded_result(images: list[Image.Image]) -> ChatResult:
 
 def test_grounding_answer_gets_an_overlay_in_the_chat_and_the_gallery(tmp_path):
     first, last = Image.new("RGB", (200, 100), "white"), Image.new("RGB", (200, 100), "white")
-    overlays = overlay_images(grounded_result([first, last]))
+    overlays = grounded_result([first, last]).grounding_overlays()
     assert len(overlays) == 1  # drawn on the last image only, the one the model grounds on
     drawn = overlays[0]
     assert drawn.size == (200, 100) and drawn.getpixel((round(10 * 200 / 999), 30)) != (255, 255, 255)
     assert drawn.getpixel((150, 80)) == (255, 255, 255)  # outside the box nothing changed
-    assert overlay_images(grounded_result([])) == []  # text-only chat: nothing to draw on
+    assert grounded_result([]).grounding_overlays() == []  # text-only chat: nothing to draw on
 
     path = tmp_path / "overlay.png"
     drawn.save(path)
@@ -181,6 +181,20 @@ class _ScriptedChat:
 @pytest.fixture(scope="module")
 def tiny_chat(checkpoint_dir):
     return DeepseekVL2Chat.from_pretrained(checkpoint_dir("tiny"), dtype="float32")
+
+
+@pytest.mark.parametrize(
+    "text, count, prompt",
+    [
+        ("Compare.", 2, "<image>\n<image>\nCompare."),
+        ("Is <image> a street?", 1, "Is <image> a street?"),
+        ("Hi", 0, "Hi"),
+    ],
+)
+def test_the_page_and_the_chat_api_place_images_alike(tiny_chat, text, count, prompt):
+    images = [str(IMAGES / "street.png")] * count
+    conversation, _ = tiny_chat.build_conversation(text, images)
+    assert user_message(Turn(text, images))["content"] == conversation[-2]["content"] == prompt
 
 
 @needs_gradio

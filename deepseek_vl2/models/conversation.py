@@ -23,6 +23,7 @@ ASSISTANT = "<|Assistant|>"
 SYSTEM = "system"
 TURN_SEP = "\n\n"  # after the system text and after each question
 EOS = "<｜end▁of▁sentence｜>"  # after each answer
+IMAGE_TOKEN = "<image>"  # where an image goes in a user turn
 
 # Accepted spellings of the roles, compared case-insensitively.
 _ROLE_ALIASES = {
@@ -40,6 +41,23 @@ def format_user_turn(question: str) -> str:
     if not question:
         return f"{USER}:{ASSISTANT}:"
     return f"{USER}: {question}{TURN_SEP}{ASSISTANT}:"
+
+
+def place_images(prompt: str, image_count: int) -> str:
+    """``prompt`` with one ``<image>`` per image put first, unless it places them itself.
+
+    A prompt that places some but not all of its images is left as it is: the processor names the
+    mismatch.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    if isinstance(image_count, bool) or not isinstance(image_count, int):
+        raise TypeError(f"image_count must be an int, got {type(image_count).__name__}")
+    if image_count < 0:
+        raise ValueError(f"image_count must be >= 0, got {image_count}")
+    if IMAGE_TOKEN in prompt:
+        return prompt
+    return f"{IMAGE_TOKEN}\n" * image_count + prompt
 
 
 def normalize_role(role: object, index: int) -> str:

@@ -38,7 +38,7 @@ from transformers.utils import PROCESSOR_NAME, cached_file
 
 from ..utils.checkpoint import check_checkpoint_location
 from ..utils.io import to_rgb
-from .conversation import ASSISTANT, USER, Conversation, format_user_turn
+from .conversation import ASSISTANT, IMAGE_TOKEN, USER, Conversation, format_user_turn
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class DeepseekVLV2Processor(ProcessorMixin):
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         normalize: bool = True,
-        image_token: str = "<image>",
+        image_token: str = IMAGE_TOKEN,
         pad_token: str = "<｜▁pad▁｜>",
         add_special_token: bool = False,
         sft_format: str = "deepseek",

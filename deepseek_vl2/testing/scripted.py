@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer
 
+from ..models.conversation import USER
 from ..models.modeling import DeepseekVLV2ForCausalLM
 from ..models.processing import DeepseekVLV2Processor
 
@@ -34,7 +35,7 @@ def script_checkpoint(path: str | os.PathLike, answer: str, extra_tokens: tuple[
         tokenizer.save(str(path / "tokenizer.json"))
     processor = DeepseekVLV2Processor.from_pretrained(path)
     tokenizer = processor.tokenizer
-    prompt = processor(conversations=[{"role": "<|User|>", "content": "x"}], images=None)
+    prompt = processor(conversations=[{"role": USER, "content": "x"}], images=None)
     chain = [int(prompt.input_ids[0, -1])] + tokenizer.encode(answer, add_special_tokens=False)
     chain.append(tokenizer.eos_token_id)
     if len(set(chain)) != len(chain):

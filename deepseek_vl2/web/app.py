@@ -20,15 +20,14 @@ from gradio.processing_utils import save_pil_to_cache
 from gradio.utils import get_upload_folder
 
 from ..chat import ContextTooLongError, DeepseekVL2Chat, GenerationSettings
+from ..models.conversation import IMAGE_TOKEN
 from .context import context_limit, fit_history
 from .session import (
-    IMAGE_TOKEN,
     Turn,
     chat_messages,
     deleted_note,
     dropped_note,
     model_history,
-    overlay_images,
     read_upload,
     read_uploads,
     status_line,
@@ -198,7 +197,7 @@ class ChatApp:
                 stream.close()  # ends the model's generation at the next token, also if Gradio closes us
             if result is not None:
                 turn.answer = result.answer
-                turn.overlays = [self._save_image(image) for image in overlay_images(result)]
+                turn.overlays = [self._save_image(image) for image in result.grounding_overlays()]
                 status = status_line(result, fitted.dropped_turns)
         except ContextTooLongError as error:
             turn.error, status = str(error), "The message does not fit the context."
@@ -267,7 +266,7 @@ class ChatApp:
                 with gr.Column(scale=3):
                     chatbot = gr.Chatbot(
                         label="Chat", elem_id="chat", height=520, buttons=["copy", "copy_all"], feedback_options=None,
-                        allow_tags=["image"],  # show the <image> placeholder as text, not as an HTML tag
+                        allow_tags=[IMAGE_TOKEN.strip("<>")],  # show <image> as text, not as an HTML tag
                     )  # fmt: skip
                     textbox = gr.MultimodalTextbox(
                         file_types=["image"],

@@ -12,11 +12,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..chat import ASSISTANT, USER, ChatResult
-from ..grounding import clean_answer, draw_on_images
+from ..chat import ChatResult
+from ..grounding import clean_answer
+from ..models.conversation import ASSISTANT, USER, place_images
 from ..utils.io import load_image
-
-IMAGE_TOKEN = "<image>"
 
 
 @dataclass
@@ -34,9 +33,7 @@ class Turn:
     @property
     def prompt(self) -> str:
         """The user message as the model reads it: one ``<image>`` per attached image, first, unless placed."""
-        if self.images and IMAGE_TOKEN not in self.text:
-            return f"{IMAGE_TOKEN}\n" * len(self.images) + self.text
-        return self.text
+        return place_images(self.text, len(self.images))
 
     @property
     def answered(self) -> bool:
@@ -134,17 +131,6 @@ def turn_gallery(turns: list[Turn]) -> list[tuple[str, str]]:
     last = turns[-1]
     attached = [(path, f"image {index + 1}") for index, path in enumerate(last.images)]
     return attached + [(path, "grounding") for path in last.overlays]
-
-
-def overlay_images(result: ChatResult) -> list[Image.Image]:
-    """The conversation's images that a grounding answer marks, with its boxes and labels drawn.
-
-    The model grounds on the last image of the conversation, which may belong to an earlier turn.
-    """
-    if not result.grounding.objects or not result.images:
-        return []
-    annotated = draw_on_images(result.images, result.grounding)
-    return [image for image, original in zip(annotated, result.images) if image is not original]
 
 
 def status_line(result: ChatResult, dropped_turns: int) -> str:
