@@ -120,20 +120,15 @@ def _measure(size: str) -> list[dict]:
 
 def _measure_images(model, config: DeepseekVLV2Config, image_size, count: int) -> dict:
     """Peak of ``prepare_inputs_embeds`` (pixels created inside) for ``count`` images of ``image_size``."""
-    from deepseek_vl2.models.processing import select_best_resolution
+    from deepseek_vl2.models.tiling import tile_grids, tile_size_for
 
     tiles, tokens = image_tiles_and_tokens(config, image_size, count)
-    tile = config.candidate_resolutions[0][0]
-    if count <= 2:
-        width, height = select_best_resolution(image_size, config.candidate_resolutions)
-        grid = [width // tile, height // tile]
-    else:
-        grid = [1, 1]
+    tile = tile_size_for(config.candidate_resolutions)
     length = tokens + 20
     ids = torch.randint(3, config.language_config.vocab_size, (1, length))
     image_mask = torch.zeros(1, length, dtype=torch.bool)
     image_mask[0, 10 : 10 + tokens] = True
-    crops = torch.tensor([[grid] * count])
+    crops = torch.tensor([tile_grids([image_size] * count, config.candidate_resolutions)])
 
     def encode():
         return model.prepare_inputs_embeds(ids, torch.randn(1, tiles, 3, tile, tile), image_mask, crops)
