@@ -240,7 +240,10 @@ def test_published_sizes(published_config_file, variant, parameters, kv_per_toke
     assert plan.kv_bytes_per_token == kv_per_token
 
 
-@pytest.mark.parametrize("image_size, count", [((1024, 768), 1), ((300, 1400), 2), ((640, 480), 3), ((10, 10), 1)])
+@pytest.mark.parametrize(
+    "image_size, count",
+    [((1024, 768), 1), ((300, 1400), 2), ((640, 480), 3), ((10, 10), 1), ((1, 10000), 1), ((3, 9000), 2), ((10000, 1), 3)],
+)
 def test_image_tokens_follow_the_processor(loaded, image_size, count):
     _, processor = loaded("tiny")
     config = DeepseekVLV2Config(**published_style_config("tiny", 640, 0, 1))

@@ -6,11 +6,11 @@ there; ``tiling`` holds the rules (which grid, how many tokens, no tiling with m
 in one conversation). The processor logs at INFO level when it turns tiling off.
 
 Differences from the original processor (fixes): system text reaches the tokens, ``images=None``
-works, a conversation may end with a user turn, bad input (including an image too thin for Pillow
-to scale, on which the original crashed) raises ValueError/TypeError with a message, ``batchify``
-keeps ``images_seq_mask`` boolean with any prompt lengths and also takes batches, ``.to(device)``
-keeps pixels in float32 unless asked, images in any mode become RGB (16-bit ones scaled, not
-clipped to white), and nothing is printed.
+works, a conversation may end with a user turn, an image too thin for Pillow to scale (on which the
+original crashed) is processed with a one-pixel short side, bad input raises ValueError/TypeError
+with a message, ``batchify`` keeps ``images_seq_mask`` boolean with any prompt lengths and also
+takes batches, ``.to(device)`` keeps pixels in float32 unless asked, images in any mode become RGB
+(16-bit ones scaled, not clipped to white), and nothing is printed.
 """
 
 from __future__ import annotations
@@ -43,12 +43,26 @@ from .tiling import (
 )
 
 # select_best_resolution is re-exported: notebooks import it from here.
-__all__ = ["BatchedInputs", "DeepseekVLV2Processor", "ProcessedConversation", "select_best_resolution"]
+__all__ = ["BatchedInputs", "DeepseekVLV2Processor", "ProcessedConversation", "pad_to_view", "select_best_resolution"]
 
 logger = logging.getLogger(__name__)
 
 GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 ROLE_TOKENS = (USER, ASSISTANT)
+RESAMPLING = Image.Resampling.BICUBIC  # ImageOps.pad's default, which the original uses
+
+
+def pad_to_view(image: Image.Image, size: tuple[int, int], fill: tuple[int, ...]) -> Image.Image:
+    """``image`` scaled to fit ``size`` (width, height) and centred on a ``fill`` canvas, as ``ImageOps.pad`` does.
+
+    Pillow would scale the short side of an image much thinner than ``size`` to 0 px and fail; such
+    an image is first scaled to fit with a one-pixel short side, which ``ImageOps.pad`` then only
+    centres. Any other image goes to ``ImageOps.pad`` as it is.
+    """
+    scale = min(size[0] / image.width, size[1] / image.height)
+    if min(image.size) * scale < 1:
+        image = image.resize(tuple(max(1, round(side * scale)) for side in image.size), RESAMPLING)
+    return ImageOps.pad(image, size, method=RESAMPLING, color=fill)
 
 
 class _FieldsAsMapping:
@@ -232,8 +246,8 @@ class DeepseekVLV2Processor(ProcessorMixin):
         size = self.image_size
         grid_width, grid_height = self.tile_grid(image.size, cropping)
         fill = tuple(int(mean * 255) for mean in self.image_mean)
-        global_view = self._to_tensor(ImageOps.pad(image, (size, size), color=fill))
-        local_view = self._to_tensor(ImageOps.pad(image, (grid_width * size, grid_height * size), color=fill))
+        global_view = self._to_tensor(pad_to_view(image, (size, size), fill))
+        local_view = self._to_tensor(pad_to_view(image, (grid_width * size, grid_height * size), fill))
         local_tiles = (
             local_view.reshape(3, grid_height, size, grid_width, size)
             .permute(1, 3, 0, 2, 4)
@@ -377,12 +391,8 @@ class DeepseekVLV2Processor(ProcessorMixin):
                     f"image {index} is a {type(image).__name__}, not a PIL image; "
                     "load files with deepseek_vl2.utils.io.load_pil_images"
                 )
-            short_side, long_side = sorted(image.size)
-            if short_side == 0 or round(short_side / long_side * self.image_size) == 0:  # Pillow cannot scale it
-                raise ValueError(
-                    f"image {index} is {image.width}x{image.height}: too thin to fit a "
-                    f"{self.image_size}x{self.image_size} view (aspect ratio beyond {2 * self.image_size}:1)"
-                )
+            if 0 in image.size:
+                raise ValueError(f"image {index} is {image.width}x{image.height}: it has no pixels")
         if placeholders != len(images):
             raise ValueError(
                 f"the conversation has {placeholders} {self.image_token} placeholder(s) "
