@@ -36,6 +36,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from deepseek_vl2.models.language import DeepseekV2MoE
+from deepseek_vl2.models.tiling import num_tiles
 from deepseek_vl2.testing.checkpoints import CANDIDATE_RESOLUTIONS
 from deepseek_vl2.testing.published import VARIANTS, published_config
 from deepseek_vl2.testing.tokenizer import build_tokenizer
@@ -323,7 +324,7 @@ def long_text(processor: DeepseekVLV2Processor, tokens: int, offset: int) -> str
     while True:
         words.append(_WORDS[(offset + len(words)) % len(_WORDS)])
         text = " ".join(words)
-        if len(processor(conversations=chat(text), force_batchify=False).input_ids) >= tokens:
+        if processor.count_tokens(chat(text)) >= tokens:
             return text
 
 
@@ -472,7 +473,7 @@ def run(model, processor, inputs, args, device, chunk_size: int | None):
     matmul = (matmul_before + matmul_rate(device, model.dtype)) / 2
 
     batch, prompt = inputs.input_ids.shape
-    tiles = int(sum(1 + w * h for row in inputs.images_spatial_crop.tolist() for w, h in row if w and h))
+    tiles = sum(num_tiles(grid) for row in inputs.images_spatial_crop.tolist() for grid in row if all(grid))
     times = clock.times
     ttft = times[0] - start
     vision = probe.vision_end - probe.vision_start if tiles else 0.0

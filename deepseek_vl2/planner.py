@@ -22,13 +22,12 @@ from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from .models.configuration import DeepseekV2Config, DeepseekVLV2Config
 from .models.language import CACHE_BLOCK
-from .models.processing import MAX_IMAGES_WITH_TILING, DeepseekVLV2Processor, select_best_resolution
+from .models.tiling import tiles_and_tokens
 from .utils.checkpoint import looks_like_hub_id
 from .utils.dtypes import parse_dtype
 
@@ -92,25 +91,15 @@ def parse_image_size(size: str | Sequence[int]) -> tuple[int, int]:
 
 
 def image_tiles_and_tokens(config: DeepseekVLV2Config, image_size: Sequence[int], images: int) -> tuple[int, int]:
-    """(384-px tiles, image tokens) that ``images`` images of ``image_size`` become, by the processor's rules."""
+    """(384-px tiles, image tokens) that ``images`` images of ``image_size`` become, by the processor's tiling rules."""
     if images < 0:
         raise ValueError(f"images must be >= 0, got {images}")
-    if images == 0:
-        return 0, 0
-    tile = config.candidate_resolutions[0][0]
-    if images <= MAX_IMAGES_WITH_TILING:
-        best_width, best_height = select_best_resolution(tuple(image_size), config.candidate_resolutions)
-        grid = (best_width // tile, best_height // tile)
-    else:
-        grid = (1, 1)  # more images than that: no tiling, as in training
-    # the processor's token formula reads only these settings, all of which config.json gives
-    rules = SimpleNamespace(
-        image_size=tile,
+    return tiles_and_tokens(
+        [tuple(image_size)] * images,
+        config.candidate_resolutions,
         patch_size=config.vision_config.patch_size,
         downsample_ratio=config.projector_config.downsample_ratio,
     )
-    tokens = DeepseekVLV2Processor.num_image_tokens_for(rules, *grid)
-    return images * (1 + grid[0] * grid[1]), images * tokens
 
 
 # ---------------------------------------------------------------------------------------------- weights and cache

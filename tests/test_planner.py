@@ -120,20 +120,15 @@ def _measure(size: str) -> list[dict]:
 
 def _measure_images(model, config: DeepseekVLV2Config, image_size, count: int) -> dict:
     """Peak of ``prepare_inputs_embeds`` (pixels created inside) for ``count`` images of ``image_size``."""
-    from deepseek_vl2.models.processing import select_best_resolution
+    from deepseek_vl2.models.tiling import tile_grids, tile_size_for
 
     tiles, tokens = image_tiles_and_tokens(config, image_size, count)
-    tile = config.candidate_resolutions[0][0]
-    if count <= 2:
-        width, height = select_best_resolution(image_size, config.candidate_resolutions)
-        grid = [width // tile, height // tile]
-    else:
-        grid = [1, 1]
+    tile = tile_size_for(config.candidate_resolutions)
     length = tokens + 20
     ids = torch.randint(3, config.language_config.vocab_size, (1, length))
     image_mask = torch.zeros(1, length, dtype=torch.bool)
     image_mask[0, 10 : 10 + tokens] = True
-    crops = torch.tensor([[grid] * count])
+    crops = torch.tensor([tile_grids([image_size] * count, config.candidate_resolutions)])
 
     def encode():
         return model.prepare_inputs_embeds(ids, torch.randn(1, tiles, 3, tile, tile), image_mask, crops)
@@ -238,7 +233,10 @@ def test_published_sizes(published_config_file, variant, parameters, kv_per_toke
     assert plan.kv_bytes_per_token == kv_per_token
 
 
-@pytest.mark.parametrize("image_size, count", [((1024, 768), 1), ((300, 1400), 2), ((640, 480), 3), ((10, 10), 1)])
+@pytest.mark.parametrize(
+    "image_size, count",
+    [((1024, 768), 1), ((300, 1400), 2), ((640, 480), 3), ((10, 10), 1), ((1, 10000), 1), ((3, 9000), 2), ((10000, 1), 3)],
+)
 def test_image_tokens_follow_the_processor(loaded, image_size, count):
     _, processor = loaded("tiny")
     config = DeepseekVLV2Config(**published_style_config("tiny", 640, 0, 1))

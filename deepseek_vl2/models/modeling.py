@@ -21,6 +21,7 @@ from ..utils.checkpoint import check_checkpoint_location
 from .configuration import DeepseekVLV2Config
 from .language import DeepseekV2Cache, DeepseekV2ForCausalLM, DeepseekV2GenerationMixin
 from .projector import MlpProjector
+from .tiling import num_tiles
 from .vision import VisionTransformer
 
 IMAGE_INPUTS = ("images", "images_seq_mask", "images_spatial_crop")
@@ -115,7 +116,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationM
                 runs += [global_view, separator, local_view]
             else:
                 runs += [local_view, separator, global_view]
-            start += 1 + width_tiles * height_tiles
+            start += num_tiles((width_tiles, height_tiles))
         return torch.cat(runs)
 
     def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
@@ -181,7 +182,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationM
         if images is None or images_spatial_crop is None or images_seq_mask is None:
             return embeddings
         crops = self._image_crops(images_spatial_crop)
-        tiles_per_row = [sum(1 + w * h for w, h in row) for row in crops]
+        tiles_per_row = [sum(map(num_tiles, row)) for row in crops]
         if sum(tiles_per_row) == 0:
             return embeddings
         if any(n > images.shape[1] for n in tiles_per_row):

@@ -1,22 +1,16 @@
 """DeepSeek-VL2's processor: a chat with images becomes token ids, image tiles and the masks that join them.
 
-Each image is seen twice: as a *global view* (the whole image padded to a 384x384 square with the
-mean colour) and as *local views* (the image padded to the candidate resolution that fits it best
-and cut into 384x384 tiles). In the token sequence each ``<image>`` placeholder becomes a run of
-image-token ids, one per visual embedding the model will scatter there: for ``h = w =
-ceil((384 // patch_size) / downsample_ratio)`` features per side, the global view takes
-``h * (w + 1)`` (a newline embedding after each row), one separator follows, then the local views
-take ``(num_height_tiles * h) * (num_width_tiles * w + 1)``.
-
-As in training, a conversation with more than two images gets no tiling at all (each image: global
-view plus one 384x384 tile); the processor logs it at INFO level instead of doing it silently.
+Each image becomes a global view and a grid of local tiles, padded with the mean colour, and each
+``<image>`` placeholder a run of image-token ids, one per visual embedding the model will scatter
+there; ``tiling`` holds the rules (which grid, how many tokens, no tiling with more than two images
+in one conversation). The processor logs at INFO level when it turns tiling off.
 
 Differences from the original processor (fixes): system text reaches the tokens, ``images=None``
-works, a conversation may end with a user turn, bad input (including an image too thin for Pillow
-to scale, on which the original crashed) raises ValueError/TypeError with a message, ``batchify``
-keeps ``images_seq_mask`` boolean with any prompt lengths and also takes batches, ``.to(device)``
-keeps pixels in float32 unless asked, images in any mode become RGB (16-bit ones scaled, not
-clipped to white), and nothing is printed.
+works, a conversation may end with a user turn, an image too thin for Pillow to scale (on which the
+original crashed) is processed with a one-pixel short side, bad input raises ValueError/TypeError
+with a message, ``batchify`` keeps ``images_seq_mask`` boolean with any prompt lengths and also
+takes batches, ``.to(device)`` keeps pixels in float32 unless asked, images in any mode become RGB
+(16-bit ones scaled, not clipped to white), and nothing is printed.
 """
 
 from __future__ import annotations
@@ -24,7 +18,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Literal
@@ -39,34 +32,37 @@ from transformers.utils import PROCESSOR_NAME, cached_file
 from ..utils.checkpoint import check_checkpoint_location
 from ..utils.io import to_rgb
 from .conversation import ASSISTANT, IMAGE_TOKEN, USER, Conversation, format_user_turn
+from .tiling import (
+    num_image_tokens,
+    num_tiles,
+    select_best_resolution,
+    tile_grid,
+    tile_grids,
+    tile_size_for,
+    tiling_enabled,
+)
+
+# select_best_resolution is re-exported: notebooks import it from here.
+__all__ = ["BatchedInputs", "DeepseekVLV2Processor", "ProcessedConversation", "pad_to_view", "select_best_resolution"]
 
 logger = logging.getLogger(__name__)
 
 GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 ROLE_TOKENS = (USER, ASSISTANT)
-
-# With more than this many images in one conversation, no image is tiled (as in training).
-MAX_IMAGES_WITH_TILING = 2
+RESAMPLING = Image.Resampling.BICUBIC  # ImageOps.pad's default, which the original uses
 
 
-def select_best_resolution(
-    image_size: tuple[int, int], candidate_resolutions: Sequence[Sequence[int]]
-) -> tuple[int, int]:
-    """The (width, height) among ``candidate_resolutions`` that keeps most of the image's pixels.
+def pad_to_view(image: Image.Image, size: tuple[int, int], fill: tuple[int, ...]) -> Image.Image:
+    """``image`` scaled to fit ``size`` (width, height) and centred on a ``fill`` canvas, as ``ImageOps.pad`` does.
 
-    The image is scaled to fit each candidate; the candidate that keeps the most pixels (never
-    counting more than the original has) wins, ties going to the one with least padding, then
-    to the earlier candidate.
+    Pillow would scale the short side of an image much thinner than ``size`` to 0 px and fail; such
+    an image is first scaled to fit with a one-pixel short side, which ``ImageOps.pad`` then only
+    centres. Any other image goes to ``ImageOps.pad`` as it is.
     """
-    width, height = image_size
-    best, best_kept, best_wasted = None, 0, math.inf
-    for candidate_width, candidate_height in candidate_resolutions:
-        scale = min(candidate_width / width, candidate_height / height)
-        kept = min(int(width * scale) * int(height * scale), width * height)
-        wasted = candidate_width * candidate_height - kept
-        if kept > best_kept or (kept == best_kept and wasted < best_wasted):
-            best, best_kept, best_wasted = (candidate_width, candidate_height), kept, wasted
-    return best
+    scale = min(size[0] / image.width, size[1] / image.height)
+    if min(image.size) * scale < 1:
+        image = image.resize(tuple(max(1, round(side * scale)) for side in image.size), RESAMPLING)
+    return ImageOps.pad(image, size, method=RESAMPLING, color=fill)
 
 
 class _FieldsAsMapping:
@@ -122,13 +118,13 @@ class BatchedInputs(_FieldsAsMapping):
             tokens = self.attention_mask[row].bool()
             num_images = len(self.num_image_tokens[row])
             crops = self.images_spatial_crop[row, : max(num_images, 1)]
-            num_tiles = int((1 + crops.prod(dim=1)).sum()) if num_images else 1
+            tiles = sum(map(num_tiles, crops.tolist())) if num_images else 1
             samples.append(
                 ProcessedConversation(
                     sft_format=sft_format,
                     input_ids=self.input_ids[row, tokens],
                     labels=self.labels[row, tokens],
-                    images=self.images[row, :num_tiles],
+                    images=self.images[row, :tiles],
                     images_seq_mask=self.images_seq_mask[row, tokens],
                     images_spatial_crop=crops,
                     num_image_tokens=self.num_image_tokens[row],
@@ -187,7 +183,7 @@ class DeepseekVLV2Processor(ProcessorMixin):
         if sft_format != "deepseek":
             raise ValueError(f"unknown sft_format {sft_format!r}; DeepSeek-VL2 uses 'deepseek'")
         self.candidate_resolutions = [tuple(resolution) for resolution in candidate_resolutions]
-        self.image_size = self.candidate_resolutions[0][0]
+        self.image_size = tile_size_for(self.candidate_resolutions)
         self.patch_size = patch_size
         self.downsample_ratio = downsample_ratio
         self.image_mean = tuple(image_mean)
@@ -228,20 +224,19 @@ class DeepseekVLV2Processor(ProcessorMixin):
 
     def num_image_tokens_for(self, num_width_tiles: int, num_height_tiles: int) -> int:
         """How many image tokens stand for one image tiled ``num_width_tiles`` x ``num_height_tiles``."""
-        side = math.ceil((self.image_size // self.patch_size) / self.downsample_ratio)
-        global_view = side * (side + 1)
-        local_views = (num_height_tiles * side) * (num_width_tiles * side + 1)
-        return global_view + 1 + local_views
+        return num_image_tokens(
+            (num_width_tiles, num_height_tiles),
+            tile_size=self.image_size,
+            patch_size=self.patch_size,
+            downsample_ratio=self.downsample_ratio,
+        )
 
     def tile_grid(self, image_size: tuple[int, int], cropping: bool = True) -> tuple[int, int]:
         """The local views' tile grid (width, height) for an image of ``image_size`` (width, height).
 
         Without ``cropping`` the local view is a single 384x384 tile.
         """
-        if not cropping:
-            return 1, 1
-        best_width, best_height = select_best_resolution(image_size, self.candidate_resolutions)
-        return best_width // self.image_size, best_height // self.image_size
+        return tile_grid(image_size, self.candidate_resolutions, cropping)
 
     def tile_image(self, image: Image.Image, cropping: bool = True) -> tuple[torch.Tensor, tuple[int, int]]:
         """The global view and the local tiles (row by row) of one image, and the tile grid (width, height).
@@ -251,8 +246,8 @@ class DeepseekVLV2Processor(ProcessorMixin):
         size = self.image_size
         grid_width, grid_height = self.tile_grid(image.size, cropping)
         fill = tuple(int(mean * 255) for mean in self.image_mean)
-        global_view = self._to_tensor(ImageOps.pad(image, (size, size), color=fill))
-        local_view = self._to_tensor(ImageOps.pad(image, (grid_width * size, grid_height * size), color=fill))
+        global_view = self._to_tensor(pad_to_view(image, (size, size), fill))
+        local_view = self._to_tensor(pad_to_view(image, (grid_width * size, grid_height * size), fill))
         local_tiles = (
             local_view.reshape(3, grid_height, size, grid_width, size)
             .permute(1, 3, 0, 2, 4)
@@ -293,7 +288,7 @@ class DeepseekVLV2Processor(ProcessorMixin):
         conversation = Conversation.from_messages(conversations, system_prompt)
         images = self._check_images(conversation, images)
         images = [self._decoded_rgb(image, index) for index, image in enumerate(images)]
-        cropping = len(images) <= MAX_IMAGES_WITH_TILING
+        cropping = tiling_enabled(len(images))
         if not cropping:
             logger.info(
                 "%d images in one conversation: each is seen as a global view and one %dx%d tile, "
@@ -343,8 +338,8 @@ class DeepseekVLV2Processor(ProcessorMixin):
         """
         conversation = Conversation.from_messages(conversations, system_prompt)
         images = self._check_images(conversation, images)
-        cropping = len(images) <= MAX_IMAGES_WITH_TILING
-        input_ids, _, _ = self._token_layout(conversation, [self.tile_grid(image.size, cropping) for image in images])
+        grids = tile_grids([image.size for image in images], self.candidate_resolutions)
+        input_ids, _, _ = self._token_layout(conversation, grids)
         return len(input_ids) - 1 if inference_mode else len(input_ids)
 
     def _token_layout(
@@ -396,12 +391,8 @@ class DeepseekVLV2Processor(ProcessorMixin):
                     f"image {index} is a {type(image).__name__}, not a PIL image; "
                     "load files with deepseek_vl2.utils.io.load_pil_images"
                 )
-            short_side, long_side = sorted(image.size)
-            if short_side == 0 or round(short_side / long_side * self.image_size) == 0:  # Pillow cannot scale it
-                raise ValueError(
-                    f"image {index} is {image.width}x{image.height}: too thin to fit a "
-                    f"{self.image_size}x{self.image_size} view (aspect ratio beyond {2 * self.image_size}:1)"
-                )
+            if 0 in image.size:
+                raise ValueError(f"image {index} is {image.width}x{image.height}: it has no pixels")
         if placeholders != len(images):
             raise ValueError(
                 f"the conversation has {placeholders} {self.image_token} placeholder(s) "
