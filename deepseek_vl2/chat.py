@@ -21,30 +21,14 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+from transformers.utils import CONFIG_NAME
 
 from .grounding import GROUNDED_IMAGE, GroundingResult, clean_answer, overlays, parse_grounding
-from .models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from .models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from .models.conversation import ASSISTANT, SYSTEM, USER, place_images
-from .utils.dtypes import parse_dtype
+from .utils.checkpoint import check_checkpoint_location
+from .utils.checks import check_chunk_size, check_max_new_tokens, pick_dtype, pick_placement
 from .utils.io import checked_messages, load_image
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """CUDA when present, else CPU; an explicit device string is checked, not guessed."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU")
-    return device
-
-
-def pick_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """bfloat16 unless told otherwise (the weights are published in bfloat16)."""
-    return torch.bfloat16 if dtype is None else parse_dtype(dtype)
 
 
 @dataclass
@@ -59,8 +43,7 @@ class GenerationSettings:
     seed: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise TypeError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        check_max_new_tokens(self.max_new_tokens)
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -72,8 +55,6 @@ class GenerationSettings:
                 raise TypeError(f"seed must be an int or None, got {self.seed!r}")
             if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed accepts
                 raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -177,13 +158,10 @@ class DeepseekVL2Chat:
         processor: DeepseekVLV2Processor,
         chunk_size: int | None = None,
     ):
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
-            raise TypeError(f"chunk_size must be an int or None, got {chunk_size!r}")
-        if chunk_size is not None and chunk_size <= 0:
-            raise ValueError(f"chunk_size must be > 0 (or None for one full prefill), got {chunk_size}")
+        """``chunk_size``: prefill in chunks of that many tokens; None prefills in one pass."""
         self.model = model.eval()
         self.processor = processor
-        self.chunk_size = chunk_size
+        self.chunk_size = None if chunk_size is None else check_chunk_size(chunk_size)
         self._lock = threading.Lock()
 
     @classmethod
@@ -193,11 +171,32 @@ class DeepseekVL2Chat:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         chunk_size: int | None = None,
+        device_map: str | dict | None = None,
+        max_memory: dict[int | str, int | str] | None = None,
+        offload_folder: str | os.PathLike | None = None,
     ) -> DeepseekVL2Chat:
-        device, dtype = pick_device(device), pick_dtype(dtype)
+        """Load a checkpoint (hub id or folder) onto ``device``, or where ``device_map`` puts it.
+
+        ``device_map`` ("auto", with ``max_memory`` such as ``{0: "20GiB", "cpu": "48GiB"}`` and an
+        ``offload_folder``) is transformers' own, as ``deepseek-vl2 plan`` advises; the model then
+        stays where it is placed and inputs go to ``model.device``.
+        """
+        dtype = pick_dtype(dtype)
+        device = pick_placement(device, device_map, max_memory, offload_folder)
+        if chunk_size is not None:  # checked again by __init__, but before the minutes of loading
+            check_chunk_size(chunk_size)
+        check_checkpoint_location(model_path, CONFIG_NAME)
+        config = DeepseekVLV2Config.from_pretrained(model_path)  # another model of the same type fails here
         processor = DeepseekVLV2Processor.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        return cls(model.to(device), processor, chunk_size)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            config=config,
+            dtype=dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+        )
+        return cls(model if device is None else model.to(device), processor, chunk_size)
 
     @property
     def device(self) -> torch.device:

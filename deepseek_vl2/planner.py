@@ -28,8 +28,11 @@ import torch
 from .models.configuration import DeepseekV2Config, DeepseekVLV2Config
 from .models.language import CACHE_BLOCK
 from .models.tiling import tiles_and_tokens
+from .options import add_dtype_option, add_model_option, loading_flags
 from .utils.checkpoint import looks_like_hub_id
+from .utils.checks import pick_dtype
 from .utils.dtypes import parse_dtype
+from .utils.sizes import parse_bytes
 
 FLOAT32 = 4  # RMSNorm statistics, router scores and the expert mix are float32 whatever the model dtype
 INT64 = 8
@@ -62,19 +65,6 @@ def load_config(model: str | os.PathLike) -> DeepseekVLV2Config:
         found = config.get("model_type") if isinstance(config, dict) else None
         raise ValueError(f"{path} is not a DeepSeek-VL2 config.json (model_type {found!r}, expected 'deepseek_vl_v2')")
     return DeepseekVLV2Config.from_dict(config)
-
-
-def parse_bytes(size: str | int) -> int:
-    """``"40GiB"``, ``"40GB"`` (10^9 bytes), ``"512MiB"`` or a number of bytes."""
-    from accelerate.utils import convert_file_size_to_int
-
-    try:
-        value = size if isinstance(size, int) else convert_file_size_to_int(size.strip())
-    except (ValueError, AttributeError):
-        value = -1
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"cannot read {size!r} as a memory size; write it like 40GiB, 24GB or 512MiB")
-    return value
 
 
 def parse_image_size(size: str | Sequence[int]) -> tuple[int, int]:
@@ -515,7 +505,7 @@ def _with_layer_ranges(parts: list[str | int]) -> list[str]:
 
 def _gib_string(size: int) -> str:
     """A ``max_memory`` value for from_pretrained, rounded down to 0.1 GiB."""
-    return f'"{math.floor(size / (1 << 30) * 10) / 10}GiB"'
+    return f"{math.floor(size / (1 << 30) * 10) / 10}GiB"
 
 
 def _report(plan: MemoryPlan) -> str:
@@ -554,9 +544,17 @@ def _report(plan: MemoryPlan) -> str:
         lines.append(f"Verdict: fits on {gpus}")
     if set(plan.device_map.values()) == {0}:
         lines.append(f'Load:    from_pretrained(path, dtype=torch.{plan.dtype}, device_map="cuda")')
+        placement = {"device": "cuda"}
     else:
-        budgets = ", ".join(f"{json.dumps(device)}: {_gib_string(size)}" for device, size in plan.max_memory.items())
-        offload = ', offload_folder="offload"' if "disk" in plan.device_map.values() else ""
+        placement = {
+            "device_map": "auto",
+            "max_memory": {device: _gib_string(size) for device, size in plan.max_memory.items()},
+            "offload_folder": "offload" if "disk" in plan.device_map.values() else None,
+        }
+        budgets = ", ".join(
+            f"{json.dumps(device)}: {json.dumps(size)}" for device, size in placement["max_memory"].items()
+        )
+        offload = ', offload_folder="offload"' if placement["offload_folder"] else ""
         arguments = f'dtype=torch.{plan.dtype}, device_map="auto", max_memory={{{budgets}}}{offload}'
         lines.append(f"Load:    from_pretrained(path, {arguments})")
         lines += [f"         {line}" for line in _describe_device_map(plan.device_map)]
@@ -564,6 +562,8 @@ def _report(plan: MemoryPlan) -> str:
         lines.append("Prefill: in one pass (plain generate)")
     else:
         lines.append(f"Prefill: model.incremental_prefilling(**inputs, chunk_size={plan.chunk_size}), then generate")
+    flags = " ".join(loading_flags(dtype=plan.dtype, chunk_size=plan.chunk_size, **placement))
+    lines.append(f"Flags:   {flags}  (deepseek-vl2 and the web demo)")
     if plan.offloaded:
         fast, slow = plan.offloaded / 25e9, plan.offloaded / 10e9
         lines.append(
@@ -573,14 +573,16 @@ def _report(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deepseek-vl2 plan",
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """``deepseek-vl2 plan``: its options, and ``run`` to answer it."""
+    parser = subparsers.add_parser(
+        "plan",
+        help="will a model fit my GPUs, and how do I load it? (reads only config.json)",
         description="Will a DeepSeek-VL2 model fit on my GPUs? Reads only config.json; prints the weights' size, "
         "the KV cache, activation peaks, and how to load the model and prefill.",
         epilog="example: deepseek-vl2 plan --model deepseek-ai/deepseek-vl2-small --gpu-memory 40GiB --images 2",
     )
-    parser.add_argument("--model", required=True, help="hub id, checkpoint folder or config.json")
+    add_model_option(parser, required=True, help="hub id, checkpoint folder or config.json")
     parser.add_argument("--gpu-memory", required=True, help="memory of each GPU, e.g. 40GiB, 24GB")
     parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
     parser.add_argument("--cpu-memory", help="RAM for offloaded weights (default: as much as needed)")
@@ -588,23 +590,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", default="1024x768", help="WIDTHxHEIGHT of each image (default 1024x768)")
     parser.add_argument("--text-tokens", type=int, default=256, help="prompt tokens besides images (default 256)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens to generate (default 512)")
-    parser.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
+    add_dtype_option(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    return parser
+    parser.set_defaults(run=run)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     try:
         plan = plan_memory(
-            args.model,
+            args.model_path,
             args.gpu_memory,
             gpus=args.gpus,
             images=args.images,
             image_size=args.image_size,
             text_tokens=args.text_tokens,
             max_new_tokens=args.max_new_tokens,
-            dtype=args.dtype,
+            dtype=pick_dtype(args.dtype),
             cpu_memory=args.cpu_memory,
         )
     except (ValueError, OSError) as error:
@@ -612,6 +613,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(plan.to_json() if args.json else plan.report())
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m deepseek_vl2.planner ...`` is ``deepseek-vl2 plan ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

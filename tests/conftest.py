@@ -51,3 +51,20 @@ def sigint_raises():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(scope="session")
+def ram_for_two_layers(loaded):
+    """``ram_for_two_layers(variant)`` -> a CPU budget in bytes for the float32 model's vision side, embeddings and
+    about two decoder layers (plus the one layer accelerate keeps free to load an offloaded one): with it,
+    ``device_map="auto"`` puts the rest of the decoder on disk."""
+    from deepseek_vl2.planner import weight_bytes
+
+    def get(variant: str = "tiny") -> int:
+        model, _ = loaded(variant)
+        sizes = weight_bytes(model)
+        layers = model.language.model.layers
+        layer = max(sum(p.numel() * p.element_size() for p in block.parameters()) for block in layers)
+        return sizes["vision"] + sizes["embeddings"] + 3 * layer
+
+    return get

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from deepseek_vl2.chat import ChatResult, DeepseekVL2Chat, GenerationSettings, pick_device, pick_dtype
+from deepseek_vl2.chat import ChatResult, DeepseekVL2Chat, GenerationSettings
 from deepseek_vl2.grounding import draw_grounding
 from deepseek_vl2.testing.checkpoints import build_checkpoint
 from deepseek_vl2.testing.scripted import script_checkpoint
+from deepseek_vl2.utils.checks import pick_device, pick_dtype
 
 STREET = "images/street.png"
 BOX_ANSWER = "<|ref|>the red car<|/ref|><|det|>[[100, 600, 370, 830]]<|/det|>"

@@ -106,12 +106,85 @@ def test_quiet_prints_no_timings(checkpoint_dir, capsys):
         (["--model_path", "x/y", "--save_vis", "out.png"], "--save_vis needs an --image"),
         (["--model_path", "x/y", "--image", str(IMAGES / "street.png"), "--prompt", "<image> or <image>?"],
          "--prompt has 2 <image> placeholder(s) but 1 image(s)"),  # fmt: skip
+        (["ask", "--demo", "--chunk_size", "-5"], "--chunk_size must be a positive whole number of tokens, got -5"),
+        (["--demo", "--device_map", "auto", "--max_memory", "cpu"], "max_memory: cannot read 'cpu'; write DEVICE=SIZE"),
+        (["--demo", "--device_map", "auto", "--max_memory", "=1GiB"], "max_memory: cannot read '=1GiB'"),
+        (["--demo", "--device_map", "auto", "--max_memory", "gpu0=1GiB"], "unknown device 'gpu0'; use a GPU index"),
+        (["--demo", "--device_map", "auto", "--max_memory", "cpu=1GiB,CPU=2GiB"], "device 'CPU' is given twice"),
+        (["--demo", "--device_map", "auto", "--max_memory", "0=lots"], "max_memory for 0: cannot read 'lots'"),
+        (["--demo", "--max_memory", "cpu=1GiB"], "without a device_map, max_memory would be ignored"),
+        (["--demo", "--offload_folder", "off"], "without a device_map, offload_folder would be ignored"),
+        (["--demo", "--device", "cpu", "--device_map", "auto"], "give a device or a device_map, not both"),
     ],
 )
 def test_errors_are_one_line_without_traceback(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_help_lists_the_commands_and_each_has_its_own(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    listed = capsys.readouterr().out
+    assert "ask " in listed and "plan " in listed and "(the default command)" in listed
+    for command, flag in (("ask", "--save_vis"), ("plan", "--gpu-memory")):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0 and f"usage: deepseek-vl2 {command}" in capsys.readouterr().out
+
+
+def help_text(capsys, *command: str) -> str:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_commands_that_load_a_model_take_every_loading_option(capsys):
+    loading = ("--model_path", "--model", "--demo", "--device", "--dtype", "--chunk_size", "--device_map",
+               "--max_memory", "--offload_folder")  # fmt: skip
+    assert all(flag in help_text(capsys, "ask") for flag in loading)
+    assert help_text(capsys, "--demo") == help_text(capsys, "ask"), "the bare form's help is ask's"
+    planning = help_text(capsys, "plan")
+    assert "--model_path PATH, --model PATH" in planning and "--dtype" in planning
+
+
+def test_ask_is_the_bare_form(checkpoint_dir, capsys):
+    args = ["--model_path", str(checkpoint_dir("tiny")), "--image", str(IMAGES / "shapes.png"), "--greedy",
+            "--max_new_tokens", "5", "--json"]  # fmt: skip
+    answers = []
+    for argv in (args, ["ask", *args], ["ask", "--model", *args[1:]]):
+        assert main(argv) == 0
+        report = json.loads(capsys.readouterr().out)
+        answers.append({key: report[key] for key in ("model", "prompt", "answer", "prompt_tokens", "new_tokens")})
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_offload_to_cpu_and_disk_through_the_cli(checkpoint_dir, ram_for_two_layers, tmp_path, capsys):
+    common = ["--model_path", str(checkpoint_dir("tiny")), "--image", str(IMAGES / "shapes.png"), "--dtype", "fp32",
+              "--greedy", "--max_new_tokens", "6", "--json"]  # fmt: skip
+    assert main(common) == 0
+    plain = json.loads(capsys.readouterr().out)
+    offload = tmp_path / "offload"
+    budget = f"cpu={ram_for_two_layers('tiny')}"
+    assert main([*common, "--device_map", "auto", "--max_memory", budget, "--offload_folder", str(offload)]) == 0
+    spread = json.loads(capsys.readouterr().out)
+    assert any(offload.iterdir()), "some weights were offloaded to disk"
+    assert spread["answer"] == plain["answer"] and spread["prompt_tokens"] == plain["prompt_tokens"]
+
+
+def test_loading_flags_read_back_as_the_same_options():
+    from deepseek_vl2.cli import build_parser
+    from deepseek_vl2.options import loading_flags, loading_options
+
+    given = {"dtype": "bfloat16", "device_map": "auto", "max_memory": {0: "20.5GiB", "cpu": "48GiB", "disk": 2**40},
+             "offload_folder": "offload", "chunk_size": 512}  # fmt: skip
+    args = build_parser().parse_args(["ask", "--demo", *loading_flags(**given)])
+    read_back = {0: int(20.5 * 2**30), "cpu": 48 * 2**30, "disk": 2**40}
+    assert loading_options(args) == {**given, "device": None, "max_memory": read_back}
+    with pytest.raises(TypeError, match="not a loading option: model"):
+        loading_flags(model="x")
 
 
 def test_plan_offline_is_one_line_without_the_hub_retries(monkeypatch, capsys):
@@ -209,7 +282,8 @@ def test_help_needs_neither_gpu_nor_gradio():
     script = (
         "import sys; sys.modules['gradio'] = None\n"  # importing gradio would now fail
         "from deepseek_vl2.cli import main\n"
-        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "for argv in (['--help'], ['ask', '--help'], ['plan', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0\n"
         "assert 'gradio' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

@@ -13,8 +13,9 @@ from accelerate import infer_auto_device_map as accelerate_infer_auto_device_map
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
-from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
-from deepseek_vl2.planner import auto_device_map, meta_model, weight_bytes
+from deepseek_vl2.chat import DeepseekVL2Chat
+from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from deepseek_vl2.planner import auto_device_map, meta_model
 from deepseek_vl2.testing.published import published_config
 
 IMAGE_INPUTS = ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop")
@@ -103,14 +104,10 @@ def test_offloaded_model_generates_the_same_tokens(variant, checkpoint_dir, load
     assert prefilled.tolist() == expected.tolist()
 
 
-def test_device_map_auto_offloads_to_disk_when_ram_is_short(checkpoint_dir, loaded, tmp_path):
+def test_device_map_auto_offloads_to_disk_when_ram_is_short(checkpoint_dir, loaded, ram_for_two_layers, tmp_path):
     plain, processor = loaded("small")
     path = checkpoint_dir("small")
-    # RAM for the vision side, the embeddings and about two decoder layers (plus the one layer accelerate
-    # keeps free to load an offloaded one): the rest of the decoder goes to disk
-    sizes = weight_bytes(plain)
-    layer = max(sum(p.numel() * p.element_size() for p in block.parameters()) for block in plain.language.model.layers)
-    ram = sizes["vision"] + sizes["embeddings"] + 3 * layer
+    ram = ram_for_two_layers("small")  # the rest of the decoder goes to disk
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The following device_map keys do not match")
         model = DeepseekVLV2ForCausalLM.from_pretrained(
@@ -129,6 +126,41 @@ def test_device_map_auto_offloads_to_disk_when_ram_is_short(checkpoint_dir, load
     kwargs = greedy(processor)
     expected = plain.generate(**{k: inputs[k] for k in IMAGE_INPUTS}, **kwargs)
     assert model.generate(**{k: inputs[k] for k in IMAGE_INPUTS}, **kwargs).tolist() == expected.tolist()
+
+
+def test_chat_api_loads_with_device_map_and_disk_offload(checkpoint_dir, ram_for_two_layers, tmp_path):
+    path, offload = checkpoint_dir("tiny"), tmp_path / "offload"
+    plain = DeepseekVL2Chat.from_pretrained(path, dtype="fp32", device="cpu")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The following device_map keys do not match")
+        budget = {"cpu": ram_for_two_layers("tiny")}
+        spread = DeepseekVL2Chat.from_pretrained(
+            path, dtype="fp32", device_map="auto", max_memory=budget, offload_folder=offload
+        )
+    assert "disk" in spread.model.hf_device_map.values() and any(offload.iterdir()), "really offloaded to disk"
+    assert spread.device.type == "cpu"
+    kwargs = dict(images=[picture(400, 300, seed=3)], greedy=True, max_new_tokens=8)
+    expected = plain.chat("What is here?", **kwargs)
+    pieces = list(spread.stream("What is here?", **kwargs))
+    *text, result = pieces
+    assert result.answer == expected.answer and "".join(text) == expected.answer
+    chunked = DeepseekVL2Chat(spread.model, spread.processor, chunk_size=16)
+    assert chunked.chat("What is here?", **kwargs).answer == expected.answer
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(device="cpu", device_map="auto"), "not both"),
+        (dict(max_memory={"cpu": "1GiB"}), "without a device_map, max_memory would be ignored"),
+        (dict(offload_folder="offload"), "without a device_map, offload_folder would be ignored"),
+        (dict(chunk_size=0), "chunk_size must be a positive whole number of tokens"),
+    ],
+)
+def test_chat_api_refuses_loading_options_that_do_not_fit_together(checkpoint_dir, monkeypatch, kwargs, message):
+    monkeypatch.setattr(DeepseekVLV2Processor, "from_pretrained", lambda *a, **k: pytest.fail("checked after loading"))
+    with pytest.raises(ValueError, match=message):
+        DeepseekVL2Chat.from_pretrained(checkpoint_dir("tiny"), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- maps for GPUs

@@ -78,12 +78,15 @@ def other_model_config(architecture: str) -> dict:
 def test_ocr_checkpoints_are_refused_before_any_weight_is_read(architecture, model, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from deepseek_vl2.chat import DeepseekVL2Chat
     from deepseek_vl2.planner import load_config
 
     (tmp_path / "config.json").write_text(json.dumps(other_model_config(architecture)))
     (tmp_path / "model.safetensors").write_bytes(b"not read: the config is refused first")
     expected = rf"this is a {model} checkpoint \(architectures: {architecture}\).*deepseek_ocr2"
-    for load in (DeepseekVLV2ForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained, load_config):
+    loaders = (DeepseekVLV2ForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained, load_config,
+               DeepseekVL2Chat.from_pretrained)  # fmt: skip
+    for load in loaders:
         with pytest.raises(ValueError, match=expected):
             load(tmp_path)
 

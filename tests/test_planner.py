@@ -275,6 +275,34 @@ def test_long_prompts_get_a_chunk_size(published_config_file):
     assert decoder_prefill_peak(load_config(path).language_config, 16000, 512) < tight.prefill_peak
 
 
+@pytest.mark.parametrize(
+    "memory, plan_kwargs, expected",
+    [
+        (["--gpu-memory", "40GiB"], {"gpu_memory": "40GiB"},
+         {"device": "cuda", "device_map": None, "max_memory": None, "offload_folder": None, "chunk_size": -1}),
+        (["--gpu-memory", "24GiB", "--cpu-memory", "8GiB"], {"gpu_memory": "24GiB", "cpu_memory": "8GiB"},
+         {"device": None, "device_map": "auto", "offload_folder": "offload", "chunk_size": -1}),
+        (["--gpu-memory", "32.5GiB", "--text-tokens", "16000"], {"gpu_memory": "32.5GiB", "text_tokens": 16000},
+         {"device": "cuda", "device_map": None, "chunk_size": 4096}),
+    ],
+)  # fmt: skip
+def test_cli_advice_can_be_typed_as_the_loading_flags(published_config_file, capsys, memory, plan_kwargs, expected):
+    from deepseek_vl2.cli import build_parser
+    from deepseek_vl2.utils.sizes import parse_max_memory
+
+    path = published_config_file("small")
+    assert main(["--model", str(path), "--images", "2", *memory]) == 0
+    (flags,) = [line.removeprefix("Flags:").split("  (")[0] for line in capsys.readouterr().out.splitlines()
+                if line.startswith("Flags:")]  # fmt: skip
+    args = build_parser().parse_args(["ask", "--demo", *flags.split()])
+    assert args.dtype == "bfloat16" and {name: getattr(args, name) for name in expected} == expected
+    if args.max_memory:
+        plan = plan_memory(path, images=2, **plan_kwargs)
+        budgets = parse_max_memory(args.max_memory)
+        assert budgets.keys() == plan.max_memory.keys()
+        assert all(0 <= plan.max_memory[device] - budgets[device] < 0.1 * 2**30 for device in budgets), "0.1 GiB steps"
+
+
 def test_cli_prints_a_plan(published_config_file, capsys):
     folder = published_config_file("small").parent
     assert main(["--model", str(folder), "--gpu-memory", "40GiB", "--images", "2", "--image-size", "1024x768"]) == 0
@@ -324,7 +352,7 @@ def test_hub_ids_download_only_config_json(published_config_file, monkeypatch):
 
 @pytest.mark.parametrize("name", ["bf16", "BF16", "bfloat16", "fp16", "half", "float16", "fp32", "float", "Float32"])
 def test_planner_and_chat_take_the_same_dtype_names(published_config_file, name):
-    from deepseek_vl2.chat import pick_dtype
+    from deepseek_vl2.utils.checks import pick_dtype
 
     plan = plan_memory(published_config_file("tiny"), "80GiB", dtype=name)
     assert plan.dtype == str(pick_dtype(name)).removeprefix("torch.")
@@ -332,7 +360,7 @@ def test_planner_and_chat_take_the_same_dtype_names(published_config_file, name)
 
 @pytest.mark.parametrize("dtype", ["int3", "float8", torch.float64, torch.int8])
 def test_planner_and_chat_refuse_the_same_dtypes(published_config_file, dtype):
-    from deepseek_vl2.chat import pick_dtype
+    from deepseek_vl2.utils.checks import pick_dtype
 
     with pytest.raises(ValueError, match="dtype"):
         pick_dtype(dtype)

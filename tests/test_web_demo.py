@@ -1,6 +1,6 @@
 """The web demo: context trimming and grounding overlays as units, then the real page in a browser.
 
-The browser tests start ``web_demo.py --demo`` once for the module and drive it with Playwright and
+The browser tests start ``python -m deepseek_vl2.web --demo`` once for the module and drive it with Playwright and
 Debian's Chromium (skipped, saying why, where either is missing); the concurrency test uses
 gradio_client like a second and third user would.
 """
@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from deepseek_vl2.chat import ChatResult, ContextTooLongError, DeepseekVL2Chat
+from deepseek_vl2.chat import ChatResult, ContextTooLongError, DeepseekVL2Chat, GenerationSettings
 from deepseek_vl2.grounding import clean_answer, parse_grounding
 from deepseek_vl2.utils.io import load_pil_images
+from deepseek_vl2.web import demo as web_demo
 from deepseek_vl2.web.context import count_prompt_tokens, fit_history
 from deepseek_vl2.web.session import Turn, chat_messages, model_history, turn_gallery, user_message
 
@@ -447,24 +448,17 @@ def test_the_page_deletes_old_uploads_hourly_unless_told_otherwise(tiny_chat):
 # -- the script -----------------------------------------------------------------------------------
 
 
-def load_web_demo():
-    spec = importlib.util.spec_from_file_location("web_demo", WEB_DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_flags_default_to_localhost_without_a_share_link():
-    args = load_web_demo().build_parser().parse_args(["--model_name", "deepseek-ai/deepseek-vl2-tiny"])
+    args = web_demo.build_parser().parse_args(["--model_name", "deepseek-ai/deepseek-vl2-tiny"])
     assert (args.host, args.share, args.port, args.chunk_size) == ("127.0.0.1", False, 37913, -1)
     with pytest.raises(SystemExit):
-        load_web_demo().main(["--demo", "--model_name", "x"])
+        web_demo.main(["--demo", "--model_name", "x"])
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "-1", "web"])
 def test_a_port_that_cannot_be_is_refused_by_the_flag_parser(port, capsys):
     with pytest.raises(SystemExit) as refused:
-        load_web_demo().build_parser().parse_args(["--demo", "--port", port])
+        web_demo.build_parser().parse_args(["--demo", "--port", port])
     assert refused.value.code == 2 and "argument --port: " in capsys.readouterr().err
 
 
@@ -473,7 +467,6 @@ def test_a_busy_port_or_a_missing_model_is_one_line_before_any_loading(monkeypat
     import deepseek_vl2.web.app as web_app
 
     monkeypatch.setattr(web_app, "launch", lambda app, **kwargs: pytest.fail("the page must not start"))
-    web_demo = load_web_demo()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -497,7 +490,7 @@ def test_the_cache_policy_flag_reaches_the_page(tiny_chat, monkeypatch):
     pages = []
     monkeypatch.setattr(DeepseekVL2Chat, "from_pretrained", lambda *args, **kwargs: tiny_chat)
     monkeypatch.setattr(web_app, "launch", lambda app, **kwargs: pages.append(app))
-    web_demo, port = load_web_demo(), str(free_port())
+    port = str(free_port())
     assert web_demo.main(["--model_name", "org/model", "--delete_cache", "60", "600", "--port", port]) == 0
     assert web_demo.main(["--model_name", "org/model", "--port", port]) == 0
     assert [page.delete_cache for page in pages] == [(60, 600), (3600, 86400)]
@@ -520,6 +513,58 @@ def test_without_gradio_the_library_imports_and_the_script_says_what_to_install(
     )  # fmt: skip
     assert script.returncode == 1
     assert 'pip install -e ".[gradio]"' in script.stderr
+    package = subprocess.run(
+        [sys.executable, "-c", blocked + "import runpy, sys; sys.argv = ['web', '--demo']; "
+         "runpy.run_module('deepseek_vl2.web', run_name='__main__', alter_sys=True)"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert package.returncode == 1 and package.stderr == script.stderr
+
+
+def test_the_web_demo_takes_the_loading_options_of_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        web_demo.main(["--help"])
+    shown = capsys.readouterr().out
+    for flag in ("--model_path PATH, --model PATH, --model_name PATH", "--local_path", "--demo", "--device", "--dtype",
+                 "--chunk_size", "--device_map", "--max_memory", "--offload_folder"):  # fmt: skip
+        assert flag in shown
+    with pytest.raises(SystemExit) as refused:
+        web_demo.main(["--model", "org/model", "--device_map", "auto", "--max_memory", "cpu"])
+    assert refused.value.code == 2 and "max_memory: cannot read 'cpu'" in capsys.readouterr().err
+
+
+@needs_gradio
+def test_loading_flags_reach_the_model_under_each_name_of_the_model_flag(tiny_chat, monkeypatch, tmp_path):
+    import deepseek_vl2.web.app as web_app
+
+    loads = []
+
+    def load(path, **kwargs):
+        loads.append((path, kwargs))
+        return tiny_chat
+
+    monkeypatch.setattr(DeepseekVL2Chat, "from_pretrained", load)
+    monkeypatch.setattr(web_app, "launch", lambda app, **kwargs: None)
+    flags = ["--device_map", "auto", "--max_memory", "0=2GiB,cpu=1GiB", "--offload_folder", str(tmp_path),
+             "--dtype", "fp32", "--chunk_size", "64", "--port", str(free_port())]  # fmt: skip
+    for name in ("--model_name", "--model_path", "--model"):
+        assert web_demo.main([name, "org/model", *flags]) == 0
+    expected = {"device": None, "dtype": "fp32", "chunk_size": 64, "device_map": "auto",
+                "max_memory": {0: 2 << 30, "cpu": 1 << 30}, "offload_folder": str(tmp_path)}  # fmt: skip
+    assert loads == [("org/model", expected)] * 3
+
+
+@needs_gradio
+def test_the_sliders_start_at_the_chat_apis_defaults(tiny_chat):
+    import gradio as gr
+
+    from deepseek_vl2.web.app import ChatApp
+
+    page = ChatApp(tiny_chat, model_name="t").build()
+    sliders = {block.label: block.value for block in page.blocks.values() if isinstance(block, gr.Slider)}
+    defaults = GenerationSettings()
+    shown = [sliders[label] for label in ("Top-p", "Temperature", "Repetition penalty", "Max new tokens")]
+    assert shown == [defaults.top_p, defaults.temperature, defaults.repetition_penalty, defaults.max_new_tokens]
 
 
 # -- the running server ---------------------------------------------------------------------------
@@ -533,7 +578,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """``web_demo.py --demo`` on a free port, run from an unrelated folder (assets must not need the cwd)."""
+    """``python -m deepseek_vl2.web --demo`` on a free port, run from an unrelated folder (assets need no cwd)."""
     if importlib.util.find_spec("gradio") is None:
         pytest.skip("gradio is not installed (pip install -e '.[gradio]')")
     root = tmp_path_factory.mktemp("web")
@@ -541,9 +586,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "DEEPSEEK_VL2_CACHE": str(root / "cache"), "GRADIO_TEMP_DIR": str(root / "gradio"),
            "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
     log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, str(WEB_DEMO), "--demo", "--port", str(port)], cwd=root, env=env, stdout=log, stderr=log
-    )
+    command = [sys.executable, "-m", "deepseek_vl2.web", "--demo", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while True:
@@ -555,7 +599,7 @@ def server(tmp_path_factory):
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"web_demo.py did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            pytest.fail(f"the web demo did not start:\n{(root / 'server.log').read_text()[-3000:]}")
         time.sleep(0.5)
     yield url
     process.terminate()

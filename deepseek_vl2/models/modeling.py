@@ -18,6 +18,7 @@ from transformers.utils import CONFIG_NAME
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ..utils.checkpoint import check_checkpoint_location
+from ..utils.checks import check_chunk_size
 from .configuration import DeepseekVLV2Config
 from .language import DeepseekV2Cache, DeepseekV2ForCausalLM, DeepseekV2GenerationMixin
 from .projector import MlpProjector
@@ -280,8 +281,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationM
         Other processor outputs (``sft_format``, ``labels`` ...) are accepted and ignored, so
         ``incremental_prefilling(**inputs, chunk_size=512)`` works.
         """
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("incremental_prefilling needs input_ids or inputs_embeds")

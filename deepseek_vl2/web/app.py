@@ -284,11 +284,17 @@ class ChatApp:
                     status = gr.Markdown(elem_id="status")
                 with gr.Column(scale=1):
                     with gr.Accordion("Generation settings", open=True):
-                        top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-                        temperature = gr.Slider(0.0, 1.5, value=0.4, step=0.05, label="Temperature", info="0 = greedy")
-                        repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
+                        defaults = GenerationSettings()
+                        top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
+                        temperature = gr.Slider(
+                            0.0, 1.5, value=defaults.temperature, step=0.05, label="Temperature", info="0 = greedy"
+                        )
+                        repetition_penalty = gr.Slider(
+                            1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"
+                        )
                         max_new_tokens = gr.Slider(
-                            1, min(4096, self.model_context - 1), value=min(512, self.model_context // 2),
+                            1, min(4096, self.model_context - 1),
+                            value=min(defaults.max_new_tokens, self.model_context // 2),
                             step=1, precision=0, label="Max new tokens",
                         )  # fmt: skip
                         max_context_tokens = gr.Slider(
