@@ -25,7 +25,7 @@ from transformers.utils import CONFIG_NAME
 
 from .grounding import GROUNDED_IMAGE, GroundingResult, clean_answer, overlays, parse_grounding
 from .models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
-from .models.conversation import ASSISTANT, SYSTEM, USER, place_images
+from .models.conversation import ASSISTANT, SYSTEM, USER, is_system_role, place_images
 from .utils.checkpoint import check_checkpoint_location
 from .utils.checks import check_chunk_size, check_max_new_tokens, pick_dtype, pick_placement
 from .utils.io import checked_messages, load_image
@@ -219,7 +219,7 @@ class DeepseekVL2Chat:
         loaded = [load_image(image) for image in images]
         conversation = _copy_history(history)
         if system:
-            conversation = [m for m in conversation if m.get("role") != SYSTEM]
+            conversation = [m for m in conversation if not is_system_role(m.get("role"))]
             conversation.insert(0, {"role": SYSTEM, "content": system})
         conversation.append({"role": USER, "content": place_images(prompt, len(loaded)), "images": loaded})
         conversation.append({"role": ASSISTANT, "content": ""})

@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .models.conversation import DET_CLOSE, DET_OPEN, GROUNDING, REF_CLOSE, REF_OPEN
 from .models.conversation import EOS as END_OF_SENTENCE
 
-REF_OPEN, REF_CLOSE = "<|ref|>", "<|/ref|>"
-DET_OPEN, DET_CLOSE = "<|det|>", "<|/det|>"
-GROUNDING = "<|grounding|>"
 GRID_MAX = 999
 GROUNDED_IMAGE = -1  # index of the image the boxes are on: the model was trained to ground on the last one
 

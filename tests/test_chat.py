@@ -55,6 +55,15 @@ def test_history_carries_the_previous_turn(chat):
     assert [m["role"] for m in second.history] == ["system", "<|User|>", "<|Assistant|>", "<|User|>", "<|Assistant|>"]
 
 
+@pytest.mark.parametrize("role", ["System", "deepseekapi-sys"])
+def test_system_replaces_a_history_system_message_of_any_spelling(chat, role):
+    history = [{"role": role, "content": "Old rules."}, {"role": "user", "content": "Hi."},
+               {"role": "assistant", "content": "Hello."}]  # fmt: skip
+    conversation, _ = chat.build_conversation("And then?", history=history, system="New rules.")
+    assert [m["content"] for m in conversation if m["role"] == "system"] == ["New rules."]
+    assert len(conversation) == 5
+
+
 def test_grounding_answer_end_to_end(scripted_chat):
     result = scripted_chat.chat("Where is the red car?", images=[STREET])
     assert result.answer == BOX_ANSWER

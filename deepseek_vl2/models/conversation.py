@@ -23,7 +23,13 @@ ASSISTANT = "<|Assistant|>"
 SYSTEM = "system"
 TURN_SEP = "\n\n"  # after the system text and after each question
 EOS = "<｜end▁of▁sentence｜>"  # after each answer
+PAD = "<｜▁pad▁｜>"  # the pad token the processor adds to a tokenizer that has none
 IMAGE_TOKEN = "<image>"  # where an image goes in a user turn
+# Grounding: <|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>; <|grounding|> asks for a grounded caption.
+REF_OPEN, REF_CLOSE = "<|ref|>", "<|/ref|>"
+DET_OPEN, DET_CLOSE = "<|det|>", "<|/det|>"
+GROUNDING = "<|grounding|>"
+GROUNDING_TOKENS = (REF_OPEN, REF_CLOSE, DET_OPEN, DET_CLOSE, GROUNDING)  # in the order the processor adds them
 
 # Accepted spellings of the roles, compared case-insensitively.
 _ROLE_ALIASES = {
@@ -58,6 +64,11 @@ def place_images(prompt: str, image_count: int) -> str:
     if IMAGE_TOKEN in prompt:
         return prompt
     return f"{IMAGE_TOKEN}\n" * image_count + prompt
+
+
+def is_system_role(role: object) -> bool:
+    """Whether ``role`` is any accepted spelling of the system role."""
+    return isinstance(role, str) and _ROLE_ALIASES.get(role.lower()) == SYSTEM
 
 
 def normalize_role(role: object, index: int) -> str:

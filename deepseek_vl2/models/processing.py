@@ -31,7 +31,7 @@ from transformers.utils import PROCESSOR_NAME, cached_file
 
 from ..utils.checkpoint import check_checkpoint_location
 from ..utils.io import to_rgb
-from .conversation import ASSISTANT, IMAGE_TOKEN, USER, Conversation, format_user_turn
+from .conversation import ASSISTANT, GROUNDING_TOKENS, IMAGE_TOKEN, PAD, USER, Conversation, format_user_turn
 from .tiling import (
     num_image_tokens,
     num_tiles,
@@ -47,7 +47,6 @@ __all__ = ["BatchedInputs", "DeepseekVLV2Processor", "ProcessedConversation", "p
 
 logger = logging.getLogger(__name__)
 
-GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 ROLE_TOKENS = (USER, ASSISTANT)
 RESAMPLING = Image.Resampling.BICUBIC  # ImageOps.pad's default, which the original uses
 
@@ -172,7 +171,7 @@ class DeepseekVLV2Processor(ProcessorMixin):
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         normalize: bool = True,
         image_token: str = IMAGE_TOKEN,
-        pad_token: str = "<｜▁pad▁｜>",
+        pad_token: str = PAD,
         add_special_token: bool = False,
         sft_format: str = "deepseek",
         mask_prompt: bool = False,

@@ -20,10 +20,9 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ..models.conversation import EOS
+from ..models.conversation import EOS, PAD
 
 BOS = "<｜begin▁of▁sentence｜>"
-PAD = "<｜▁pad▁｜>"
 # DeepSeek-V2's fill-in-the-middle tokens, which follow EOS in the small flavor.
 FIM_TOKENS = ("<｜fim▁hole｜>", "<｜fim▁begin｜>", "<｜fim▁end｜>")
 
