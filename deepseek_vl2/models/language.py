@@ -15,10 +15,10 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
@@ -26,13 +26,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .cache import BufferedLayer, DeepseekV2Cache, DeepseekV2GenerationMixin  # BufferedLayer: re-exported
 from .configuration import DeepseekV2Config
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-# Spare room, in tokens, that a cache buffer grows by: one reallocation per this many decode steps.
-CACHE_BLOCK = 256
 # Up to this many (token, expert) pairs the eager experts forward runs pair by pair (decoding a few
 # sequences). On an accelerator it gathers the selected experts' weights (no host sync); beyond this,
 # copying weights costs more than one sync per layer. On CPU it reads them in place, with one matrix-vector
@@ -55,89 +54,6 @@ def expert_weight_conversions() -> list[WeightConverter]:
             operations=[MergeModulelist(dim=0)],
         ),
     ]
-
-
-class BufferedLayer(DynamicLayer):
-    """A cache layer that appends in place, into buffers with spare room.
-
-    ``DynamicLayer`` concatenates, which copies the whole cache on every decode step (for tiny's plain
-    attention at a 1.5k-token prompt, ~180 MB per token on top of 1.15 GB of weights); and oneDNN matmuls
-    copy any view into a larger buffer before reading it. Here ``keys``/``values`` are buffers that a
-    prefill sizes to what it wrote and decoding grows ``CACHE_BLOCK`` positions at a time, zero where
-    nothing was written yet. A one-token step attends over the whole buffers, the unwritten tail masked as
-    future positions (``get_mask_sizes`` says so, as for ``StaticLayer``); longer steps get views of the
-    filled part, which keeps SDPA's causal fast path for prefill.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() > 1 else 0
-
-    def _capacity_for(self, query_length: int) -> int:
-        end = self.length + query_length
-        if end <= self.capacity:
-            return self.capacity
-        return (end // CACHE_BLOCK + 1) * CACHE_BLOCK if query_length == 1 else end
-
-    def _room_for(self, buffer: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        capacity = self._capacity_for(new.shape[-2])
-        if buffer.dim() == new.dim() and buffer.shape[:-2] == new.shape[:-2] and buffer.shape[-2] == capacity:
-            return buffer
-        grown = new.new_zeros((*new.shape[:-2], capacity, new.shape[-1]))
-        if self.length:
-            grown[..., : self.length, :].copy_(buffer[..., : self.length, :])
-        return grown
-
-    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start, end = self.length, self.length + key_states.shape[-2]
-        self.keys, self.values = self._room_for(self.keys, key_states), self._room_for(self.values, value_states)
-        self.keys[..., start:end, :].copy_(key_states)
-        self.values[..., start:end, :].copy_(value_states)
-        self.length = end
-        visible = self.capacity if key_states.shape[-2] == 1 else end
-        return self.keys[..., :visible, :], self.values[..., :visible, :]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return (self._capacity_for(1) if query_length == 1 else self.length + query_length), 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
-        self.length = max(self.length + tokens_to_remove, 0)
-
-    def reset(self) -> None:
-        super().reset()
-        self.length = 0
-
-
-class DeepseekV2Cache(DynamicCache):
-    """The decoder's default cache: a ``DynamicCache`` made of :class:`BufferedLayer` layers."""
-
-    def __init__(self, config=None, offloading: bool = False, offload_only_non_sliding: bool = False):
-        super().__init__(config=config, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
-        self.layers = [BufferedLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
-        if self.layer_class_to_replicate is DynamicLayer:
-            self.layer_class_to_replicate = BufferedLayer
-
-
-class DeepseekV2GenerationMixin(GenerationMixin):
-    """``GenerationMixin`` that generates with a :class:`DeepseekV2Cache` where it would create a ``DynamicCache``."""
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("cache")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            config = self.config.get_text_config(decoder=True)
-            model_kwargs["cache"] = DeepseekV2Cache(config=config, offloading=cache.offloading)
 
 
 @contextmanager

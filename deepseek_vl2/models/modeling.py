@@ -18,8 +18,9 @@ from transformers.utils import CONFIG_NAME
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ..utils.checkpoint import check_checkpoint_location
+from .cache import DeepseekV2Cache, DeepseekV2GenerationMixin
 from .configuration import DeepseekVLV2Config
-from .language import DeepseekV2Cache, DeepseekV2ForCausalLM, DeepseekV2GenerationMixin
+from .language import DeepseekV2ForCausalLM
 from .projector import MlpProjector
 from .vision import VisionTransformer
 
