@@ -10,8 +10,10 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 
 from deepseek_vl2.models.configuration import DeepseekV2Config
 import deepseek_vl2.models.cache as cache_module
+import deepseek_vl2.models.kernels as kernels
 import deepseek_vl2.models.language as language
 from deepseek_vl2.models.cache import cache_capacity
+from deepseek_vl2.models.kernels import Kernel, Op
 from deepseek_vl2.models.language import (
     DeepseekV2Cache,
     DeepseekV2Experts,
@@ -511,10 +513,8 @@ def test_bf16_one_token_decode_is_as_close_to_float32_as_the_plain_path(name, mo
     with torch.no_grad():
         expected = exact(ids).logits[:, 7:]
     fast = last_token_logits(DeepseekV2Cache(config=model.config))
-    monkeypatch.setattr(language, "native_gemv_for_one_token", lambda *args: language.nullcontext())
-    monkeypatch.setattr(
-        language, "attend_one_query", lambda q, k, v, m, s: language.sdpa(torch.cat(q, -1), torch.cat(k, -1), v, m, s)
-    )
+    plain = {Op.MATMUL: Kernel.TORCH_DEFAULT, Op.ATTENTION: Kernel.SDPA}  # no GEMV switch, no one-query attention
+    monkeypatch.setattr(language, "choose", lambda op, *args: plain[op] if op in plain else kernels.choose(op, *args))
     plain = last_token_logits(DynamicCache(config=model.config))
     plain_error = (plain - expected).abs().max()
     assert 0 < plain_error < 0.1  # bfloat16 rounding, for scale

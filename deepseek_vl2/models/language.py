@@ -9,8 +9,6 @@ stored stacked per layer so that they run without a host sync per expert.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +26,11 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache import BufferedLayer, DeepseekV2Cache, DeepseekV2GenerationMixin  # BufferedLayer: re-exported
 from .configuration import DeepseekV2Config
+from .kernels import Kernel, Op, attend_one_query, choose, matmuls_on, sdpa
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-# Up to this many (token, expert) pairs the eager experts forward runs pair by pair (decoding a few
-# sequences). On an accelerator it gathers the selected experts' weights (no host sync); beyond this,
-# copying weights costs more than one sync per layer. On CPU it reads them in place, with one matrix-vector
-# product per pair, which beats one small matrix product per expert up to a few rows per expert.
-MAX_GATHERED_EXPERTS = 16
-MAX_PAIRS_IN_PLACE = 32
 
 
 def expert_weight_conversions() -> list[WeightConverter]:
@@ -54,29 +47,6 @@ def expert_weight_conversions() -> list[WeightConverter]:
             operations=[MergeModulelist(dim=0)],
         ),
     ]
-
-
-@contextmanager
-def onednn_matmuls(enabled: bool) -> Iterator[None]:
-    """Turn oneDNN (MKL-DNN) matmuls on or off for a block, process-wide, restoring the setting after."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
-
-
-def native_gemv_for_one_token(num_tokens: int, device: torch.device):
-    """While decoding one token on CPU, run the linear layers on PyTorch's own GEMV instead of oneDNN.
-
-    With a single row, oneDNN's bf16 matmul streams the weights at about a third of the memory bandwidth;
-    PyTorch's native GEMV reaches nearly all of it (10 vs 29 GB/s for the LM head on a 2-core AVX-512-BF16
-    machine), and decoding one token is nothing but streaming weights. oneDNN stays on for anything wider,
-    where it is the faster one. The switch is process-wide: a forward running meanwhile in another thread
-    stays correct, only its wider matmuls run slower.
-    """
-    return onednn_matmuls(False) if num_tokens == 1 and device.type == "cpu" else nullcontext()
 
 
 class DeepseekV2RMSNorm(nn.Module):
@@ -189,54 +159,6 @@ def interleaved_to_half(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
 
 
-def sdpa(query, key, value, attention_mask, scale, dropout_p=0.0) -> torch.Tensor:
-    """SDPA with a boolean/additive mask, or causal when no mask was needed.
-
-    Key and value may have fewer heads than the query (grouped heads, MLA's single latent head): SDPA
-    shares them across query heads itself instead of us copying the cache once per head.
-    """
-    return F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=dropout_p,
-        is_causal=attention_mask is None and query.shape[2] > 1,
-        scale=scale,
-        enable_gqa=key.shape[1] != query.shape[1],
-    )
-
-
-def attend_one_query(queries, keys, value, attention_mask, scale) -> torch.Tensor:
-    """Attention of one query position as two matmuls around a float32 softmax (the original's eager math).
-
-    CPU SDPA kernels are tiled for many queries; for a single one they run several times slower than this
-    (1.6 ms vs 0.45 ms for tiny's 10 heads over 1,400 cached bf16 keys and values, which stay in place).
-    ``queries`` ([b, heads, 1, d_i]) and ``keys`` ([b, kv_heads, n, d_i]) are matching parts of the query and
-    key features whose dot products add up, so that MLA's latent and roped parts need no concatenated copy
-    of the cache; query heads sharing a key/value head attend as rows of one matmul.
-    """
-    batch, heads = queries[0].shape[:2]
-    kv_heads = keys[0].shape[1]
-    group = heads // kv_heads
-    scores = None
-    # On CPU in bf16, PyTorch's GEMV scores one query row per key head ~1.5x faster than oneDNN, which is
-    # faster for several rows and for the probabilities x values product (~7x).
-    with onednn_matmuls(group > 1):
-        for query, key in zip(queries, keys):
-            part = torch.matmul(query.reshape(batch, kv_heads, group, -1) * scale, key.transpose(-1, -2))
-            scores = part if scores is None else scores + part
-    scores = scores.view(batch, heads, 1, -1)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    elif attention_mask is not None:
-        scores = scores + attention_mask
-    probs = scores.float().softmax(dim=-1).to(value.dtype).view(batch, kv_heads, group, -1)
-    with onednn_matmuls(True):
-        output = torch.matmul(probs, value)
-    return output.view(batch, heads, 1, -1)
-
-
 class DeepseekV2MultiHeadAttention(nn.Module):
     """Plain multi-head attention (with optional grouped KV heads) and rotate-half RoPE over the whole head."""
 
@@ -271,7 +193,8 @@ class DeepseekV2MultiHeadAttention(nn.Module):
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        if seq_len == 1 and query.device.type == "cpu" and not self.training:
+        one_query = choose(Op.ATTENTION, query.device, query.dtype, seq_len) is Kernel.ONE_QUERY
+        if one_query and not self.training:  # only SDPA has dropout
             output = attend_one_query((query,), (key,), value, attention_mask, self.scaling)
         else:
             dropout = self.attention_dropout if self.training else 0.0
@@ -354,9 +277,11 @@ class DeepseekV2LatentAttention(nn.Module):
         """The same attention with ``kv_b_proj`` absorbed: q_nope.W_k scores the latent, W_v maps the result."""
         kv_b = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_key, w_value = kv_b.split([self.nope_dim, self.v_dim], dim=1)
-        with onednn_matmuls(True):  # a [1, n] x [n, r] product per head: oneDNN's strength (see attend_one_query)
+        queries = q_nope.shape[2]
+        with matmuls_on(choose(Op.LATENT_QUERY, q_nope.device, q_nope.dtype, queries)):
             q_latent = torch.matmul(q_nope, w_key)  # [batch, heads, seq, rank]
-        if q_latent.shape[2] == 1 and q_latent.device.type == "cpu" and not self.training:
+        one_query = choose(Op.ATTENTION, q_latent.device, q_latent.dtype, queries) is Kernel.ONE_QUERY
+        if one_query and not self.training:  # only SDPA has dropout
             output = attend_one_query((q_latent, q_rope), (latent, k_rope), latent, attention_mask, self.scaling)
         else:
             query = torch.cat((q_latent, q_rope), dim=-1)  # [batch, heads, seq, rank + rope]
@@ -445,16 +370,14 @@ class DeepseekV2Experts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """[tokens, hidden] routed by ``top_k_index``/``top_k_weights`` [tokens, top_k] -> [tokens, hidden].
 
-        Many pairs (prefill) run expert by expert on the sorted pairs. Few pairs (decode) on an accelerator
-        gather their experts' weights, as a host sync would stall the queue; on CPU there is no queue to
-        drain, while copying weights would triple a decode step's memory traffic, so each pair reads its
-        expert's weights in place.
+        The path (pair by pair in place, gathered weights, or sorted segments) is chosen by ``kernels``.
         """
-        on_cpu = hidden_states.device.type == "cpu"
-        if top_k_index.numel() > (MAX_PAIRS_IN_PLACE if on_cpu else MAX_GATHERED_EXPERTS):
+        device, dtype = hidden_states.device, hidden_states.dtype
+        path = choose(Op.EXPERTS, device, dtype, top_k_index.numel())
+        if path is Kernel.SORTED:
             return self._run_sorted(hidden_states, top_k_index, top_k_weights)
-        if on_cpu:
-            with onednn_matmuls(False):  # one-row products: PyTorch's GEMV (see native_gemv_for_one_token)
+        if path is Kernel.EACH_PAIR:
+            with matmuls_on(choose(Op.MATMUL, device, dtype, 1)):  # each pair's products have one row
                 expert_outputs = self._run_each(hidden_states, top_k_index)
         else:
             expert_outputs = self._run_gathered(hidden_states, top_k_index)
@@ -673,7 +596,8 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
         """Logits in the model dtype, for the last ``logits_to_keep`` positions only (0 keeps all)."""
         tokens = input_ids if inputs_embeds is None else inputs_embeds
         num_tokens = tokens.shape[:2].numel() if tokens is not None else 0
-        with native_gemv_for_one_token(num_tokens, self.lm_head.weight.device):
+        weight = self.lm_head.weight
+        with matmuls_on(choose(Op.MATMUL, weight.device, weight.dtype, num_tokens)):
             outputs = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
