@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from bench import best_time, matmul_rate, memory_bandwidth
 
-from deepseek_vl2.models.language import onednn_matmuls
+from deepseek_vl2.models.kernels import onednn_matmuls
 
 GB = 1e9
 CPU = torch.device("cpu")

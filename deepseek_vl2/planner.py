@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .models.configuration import DeepseekV2Config, DeepseekVLV2Config
-from .models.language import CACHE_BLOCK
+from .models.cache import cache_capacity
 from .models.tiling import tiles_and_tokens
 from .options import add_dtype_option, add_model_option, loading_flags
 from .utils.checkpoint import looks_like_hub_id
@@ -200,11 +200,6 @@ def _feed_forward_peak(config: DeepseekV2Config, layer: int, q: int, size: int) 
     return normed + max(router, one_expert, combine, shared)
 
 
-def _cache_capacity(tokens: int) -> int:
-    """Tokens a cache layer has room for: its buffers grow ``CACHE_BLOCK`` tokens at a time."""
-    return 0 if tokens == 0 else (tokens // CACHE_BLOCK + 1) * CACHE_BLOCK
-
-
 def _prefill_steps(prompt_tokens: int, chunk_size: int | None) -> list[tuple[int, int]]:
     """(new tokens, keys) of the forward passes that can peak: the full pass, or the last two chunks."""
     if chunk_size is None:
@@ -242,9 +237,12 @@ def decoder_prefill_peak(
     for q, n in _prefill_steps(prompt_tokens, chunk_size):
         masked = n > q  # one full causal pass needs no mask
         shared = embeddings + (q * n if masked else 0) + 2 * q * rope_dim * size  # boolean mask, cos, sin
+        # this layer's cache and the earlier ones hold n tokens, the later ones n - q; only the last chunk
+        # can be a one-token (decode-like) step, unless every chunk is
+        held = cache_capacity(n, decoded=n if chunk_size == 1 else int(q == 1))
+        held_before = cache_capacity(n - q, decoded=n - q if chunk_size == 1 else 0)
         for layer in range(layers):
-            # this layer's cache and the earlier ones hold n tokens, the later ones n - q
-            cached_tokens = (layer + 1) * _cache_capacity(n) + (layers - layer - 1) * _cache_capacity(n - q)
+            cached_tokens = (layer + 1) * held + (layers - layer - 1) * held_before
             cache = cached_tokens * cache_per_layer
             layer_input = q * hidden * size if layer else 0  # the first layer reads the embeddings
             base = shared + cache + layer_input
@@ -273,15 +271,27 @@ def vision_peak(config: DeepseekVLV2Config, tiles: int, prompt_tokens: int, dtyp
     return embeddings + pixels * (FLOAT32 + size) + block
 
 
+def decode_cache_positions(prompt_tokens: int, context_tokens: int) -> int:
+    """Positions each cache layer holds, and a one-token step attends over, while the last token is generated.
+
+    The last new token is never fed back. The prompt is prefilled in one pass, or in chunks that leave its
+    last token to a decode step: the larger of the two.
+    """
+    written = max(context_tokens - 1, prompt_tokens)
+    decoded = written - prompt_tokens
+    return max(cache_capacity(written, decoded), cache_capacity(written, decoded + 1))
+
+
 def decode_peak(config: DeepseekV2Config, prompt_tokens: int, context_tokens: int, dtype: torch.dtype) -> int:
     """Bytes above the loaded model while generating the last token: the prompt's embeddings, the whole KV
     cache, the logits (and their float32 copy) and, for MLA, one layer's keys in latent space, which an
     SDPA kernel without native grouped heads repeats for every head."""
     size = dtype.itemsize
-    cache = _cache_capacity(context_tokens) * kv_cache_bytes_per_token(config, dtype)
+    held = decode_cache_positions(prompt_tokens, context_tokens)
+    cache = held * kv_cache_bytes_per_token(config, dtype)
     step = 0
     if config.use_mla:
-        step = (2 * config.num_attention_heads + 1) * context_tokens * (config.kv_lora_rank + config.qk_rope_head_dim)
+        step = (2 * config.num_attention_heads + 1) * held * (config.kv_lora_rank + config.qk_rope_head_dim)
     logits = config.vocab_size * (size + FLOAT32)
     return prompt_tokens * config.hidden_size * size + cache + step * size + logits
 
@@ -522,7 +532,7 @@ def _report(plan: MemoryPlan) -> str:
         f"  prompt          {prompt}",
         f"  context         {plan.context_tokens} tokens with the answer",
         f"  KV cache        {_size(plan.kv_bytes_per_token)} per token, {_size(plan.kv_cache)} for the context",
-        f"  peaks above the weights (with the prompt's embeddings and KV cache):",
+        "  peaks above the weights (with the prompt's embeddings and KV cache):",
         f"    prefill, one pass       {_size(plan.prefill_peak)}",
     ]
     if chunked:

@@ -9,7 +9,11 @@ from transformers import DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 
 from deepseek_vl2.models.configuration import DeepseekV2Config
+import deepseek_vl2.models.cache as cache_module
+import deepseek_vl2.models.kernels as kernels
 import deepseek_vl2.models.language as language
+from deepseek_vl2.models.cache import cache_capacity
+from deepseek_vl2.models.kernels import Kernel, Op
 from deepseek_vl2.models.language import (
     DeepseekV2Cache,
     DeepseekV2Experts,
@@ -345,7 +349,7 @@ def test_transformers_experts_implementations_match(experts):
 @pytest.mark.parametrize("cache_class", [DynamicCache, DeepseekV2Cache])
 @pytest.mark.parametrize("name", ["mha_gqa_bias", "mla_q_lora_yarn", "base_like_noaux_tc"])
 def test_incremental_decoding_matches_full_forward(name, cache_class, monkeypatch):
-    monkeypatch.setattr(language, "CACHE_BLOCK", 3)  # our cache's buffers then grow on most steps
+    monkeypatch.setattr(cache_module, "CACHE_BLOCK", 3)  # our cache's buffers then grow on most steps
     model = make_model(**CONFIGS[name])
     ids = random_ids(2, 11)
     with torch.no_grad():
@@ -378,7 +382,7 @@ def test_default_cache_appends_in_place_and_masks_its_spare_room():
         assert layer.keys.shape[-2] == 5, "a prefill holds just what it wrote"
         steps = [model(ids[:, 5:6], cache=out.cache).logits]
         buffer = layer.keys
-        assert buffer.shape[-2] == language.CACHE_BLOCK and buffer[..., 6:, :].abs().sum() == 0
+        assert buffer.shape[-2] == cache_module.CACHE_BLOCK and buffer[..., 6:, :].abs().sum() == 0
         steps += [model(ids[:, t : t + 1], cache=out.cache).logits for t in range(6, 9)]
         assert layer.keys.data_ptr() == buffer.data_ptr(), "a decode step must not reallocate the cache"
         torch.testing.assert_close(torch.cat(steps, dim=1), expected[:, 5:], rtol=0, atol=1e-5)
@@ -397,6 +401,59 @@ def test_generate_uses_our_cache_and_beam_search_reorders_it():
     assert isinstance(ours.cache, DeepseekV2Cache)
     plain = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
     assert torch.equal(ours.sequences, plain)
+
+
+@pytest.mark.parametrize(
+    "prefill, chunk, decoded",  # crossing CACHE_BLOCKs of 4; a last chunk of one token; a one-token prompt
+    [(6, None, 0), (6, None, 11), (7, None, 9), (8, 3, 9), (9, 4, 7), (1, None, 9)],
+)
+def test_cache_capacity_is_what_the_buffers_hold(prefill, chunk, decoded, monkeypatch):
+    monkeypatch.setattr(cache_module, "CACHE_BLOCK", 4)
+    model = make_model(**CONFIGS["mla"])
+    ids = random_ids(1, prefill + decoded)
+    cache = DeepseekV2Cache(config=model.config)
+    chunk = chunk or prefill
+    steps = [(start, min(start + chunk, prefill)) for start in range(0, prefill, chunk)]
+    steps += [(t, t + 1) for t in range(prefill, prefill + decoded)]
+    one_token_steps = 0
+    with torch.no_grad():
+        for start, end in steps:
+            model(ids[:, start:end], cache=cache)
+            one_token_steps += end - start == 1
+            held = {buffer.shape[-2] for layer in cache.layers for buffer in (layer.keys, layer.values)}
+            assert held == {cache_capacity(end, decoded=one_token_steps)}, (start, end)
+
+
+def test_cache_capacity_refuses_more_decoded_than_written_tokens():
+    with pytest.raises(ValueError, match="decoded"):
+        cache_capacity(3, decoded=4)
+
+
+@pytest.mark.parametrize("continued", [4, 7])  # within the buffers' spare room, and past it
+@pytest.mark.parametrize("name", ["mha_gqa_bias", "mla_q_lora_yarn"])
+def test_crop_then_prefill_gives_a_fresh_prefills_logits(name, continued, monkeypatch):
+    monkeypatch.setattr(cache_module, "CACHE_BLOCK", 4)
+    model = make_model(**CONFIGS[name])
+    kept = 6
+    earlier, later = random_ids(2, 12, seed=1), random_ids(2, kept + continued + 2, seed=2)
+    later[:, :kept] = earlier[:, :kept]  # the prefix the two share
+    with torch.no_grad():
+        expected = model(later).logits[:, kept:]
+        cache = DeepseekV2Cache(config=model.config)
+        model(earlier[:, :9], cache=cache)
+        for t in range(9, 12):  # decode steps: spare room, and positions past the prefix to forget
+            model(earlier[:, t : t + 1], cache=cache)
+        cache.crop(kept - cache.get_seq_length())
+        assert cache.get_seq_length() == kept
+        logits = [model(later[:, kept : kept + continued], cache=cache).logits]
+        logits += [model(later[:, t : t + 1], cache=cache).logits for t in range(kept + continued, later.shape[1])]
+    torch.testing.assert_close(torch.cat(logits, dim=1), expected, rtol=0, atol=1e-5)
+
+
+def test_crop_refuses_a_positive_count():
+    cache = DeepseekV2Cache(config=make_config())
+    with pytest.raises(ValueError, match="negative number"):
+        cache.crop(3)
 
 
 def test_mla_default_cache_holds_compressed_latent():
@@ -456,10 +513,8 @@ def test_bf16_one_token_decode_is_as_close_to_float32_as_the_plain_path(name, mo
     with torch.no_grad():
         expected = exact(ids).logits[:, 7:]
     fast = last_token_logits(DeepseekV2Cache(config=model.config))
-    monkeypatch.setattr(language, "native_gemv_for_one_token", lambda *args: language.nullcontext())
-    monkeypatch.setattr(
-        language, "attend_one_query", lambda q, k, v, m, s: language.sdpa(torch.cat(q, -1), torch.cat(k, -1), v, m, s)
-    )
+    plain = {Op.MATMUL: Kernel.TORCH_DEFAULT, Op.ATTENTION: Kernel.SDPA}  # no GEMV switch, no one-query attention
+    monkeypatch.setattr(language, "choose", lambda op, *args: plain[op] if op in plain else kernels.choose(op, *args))
     plain = last_token_logits(DynamicCache(config=model.config))
     plain_error = (plain - expected).abs().max()
     assert 0 < plain_error < 0.1  # bfloat16 rounding, for scale

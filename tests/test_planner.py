@@ -18,8 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
+import deepseek_vl2.models.cache as cache_module
 from deepseek_vl2.models import DeepseekVLV2Config
 from deepseek_vl2.planner import (
+    decode_cache_positions,
     decoder_prefill_peak,
     image_tiles_and_tokens,
     kv_cache_bytes_per_token,
@@ -202,6 +204,21 @@ def test_kv_cache_per_token_is_what_the_cache_holds(loaded, variant):
         cache = model(input_ids=torch.randint(3, 300, (1, tokens)), use_cache=True).cache
     held = sum(tensor.numel() * tensor.element_size() for layer in cache.layers for tensor in (layer.keys, layer.values))
     assert held == tokens * kv_cache_bytes_per_token(config, torch.float32)
+
+
+@pytest.mark.parametrize("prompt, new_tokens", [(5, 1), (5, 4), (6, 3), (7, 2), (10, 20)])  # around blocks of 8
+def test_decode_cache_positions_are_what_generation_leaves(loaded, prompt, new_tokens, monkeypatch):
+    monkeypatch.setattr(cache_module, "CACHE_BLOCK", 8)
+    model, _ = loaded("small")
+    language = model.language
+    ids = torch.randint(3, 300, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+    settings = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        one_pass = language.generate(ids, return_dict_in_generate=True, **settings).cache
+        embeds, chunked = model.incremental_prefilling(input_ids=ids, chunk_size=100)
+        model.generate(inputs_embeds=embeds, input_ids=ids, cache=chunked, **settings)
+    held = {layer.keys.shape[-2] for cache in (one_pass, chunked) for layer in cache.layers}
+    assert max(held) == decode_cache_positions(prompt, prompt + new_tokens)
 
 
 def test_weight_bytes_match_the_loaded_model(loaded):

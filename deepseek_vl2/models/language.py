@@ -9,16 +9,14 @@ stored stacked per layer so that they run without a host sync per expert.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
@@ -26,19 +24,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .cache import BufferedLayer, DeepseekV2Cache, DeepseekV2GenerationMixin  # BufferedLayer: re-exported
 from .configuration import DeepseekV2Config
+from .kernels import Kernel, Op, attend_one_query, choose, matmuls_on, sdpa
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-# Spare room, in tokens, that a cache buffer grows by: one reallocation per this many decode steps.
-CACHE_BLOCK = 256
-# Up to this many (token, expert) pairs the eager experts forward runs pair by pair (decoding a few
-# sequences). On an accelerator it gathers the selected experts' weights (no host sync); beyond this,
-# copying weights costs more than one sync per layer. On CPU it reads them in place, with one matrix-vector
-# product per pair, which beats one small matrix product per expert up to a few rows per expert.
-MAX_GATHERED_EXPERTS = 16
-MAX_PAIRS_IN_PLACE = 32
 
 
 def expert_weight_conversions() -> list[WeightConverter]:
@@ -55,112 +47,6 @@ def expert_weight_conversions() -> list[WeightConverter]:
             operations=[MergeModulelist(dim=0)],
         ),
     ]
-
-
-class BufferedLayer(DynamicLayer):
-    """A cache layer that appends in place, into buffers with spare room.
-
-    ``DynamicLayer`` concatenates, which copies the whole cache on every decode step (for tiny's plain
-    attention at a 1.5k-token prompt, ~180 MB per token on top of 1.15 GB of weights); and oneDNN matmuls
-    copy any view into a larger buffer before reading it. Here ``keys``/``values`` are buffers that a
-    prefill sizes to what it wrote and decoding grows ``CACHE_BLOCK`` positions at a time, zero where
-    nothing was written yet. A one-token step attends over the whole buffers, the unwritten tail masked as
-    future positions (``get_mask_sizes`` says so, as for ``StaticLayer``); longer steps get views of the
-    filled part, which keeps SDPA's causal fast path for prefill.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() > 1 else 0
-
-    def _capacity_for(self, query_length: int) -> int:
-        end = self.length + query_length
-        if end <= self.capacity:
-            return self.capacity
-        return (end // CACHE_BLOCK + 1) * CACHE_BLOCK if query_length == 1 else end
-
-    def _room_for(self, buffer: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        capacity = self._capacity_for(new.shape[-2])
-        if buffer.dim() == new.dim() and buffer.shape[:-2] == new.shape[:-2] and buffer.shape[-2] == capacity:
-            return buffer
-        grown = new.new_zeros((*new.shape[:-2], capacity, new.shape[-1]))
-        if self.length:
-            grown[..., : self.length, :].copy_(buffer[..., : self.length, :])
-        return grown
-
-    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start, end = self.length, self.length + key_states.shape[-2]
-        self.keys, self.values = self._room_for(self.keys, key_states), self._room_for(self.values, value_states)
-        self.keys[..., start:end, :].copy_(key_states)
-        self.values[..., start:end, :].copy_(value_states)
-        self.length = end
-        visible = self.capacity if key_states.shape[-2] == 1 else end
-        return self.keys[..., :visible, :], self.values[..., :visible, :]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return (self._capacity_for(1) if query_length == 1 else self.length + query_length), 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
-        self.length = max(self.length + tokens_to_remove, 0)
-
-    def reset(self) -> None:
-        super().reset()
-        self.length = 0
-
-
-class DeepseekV2Cache(DynamicCache):
-    """The decoder's default cache: a ``DynamicCache`` made of :class:`BufferedLayer` layers."""
-
-    def __init__(self, config=None, offloading: bool = False, offload_only_non_sliding: bool = False):
-        super().__init__(config=config, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
-        self.layers = [BufferedLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
-        if self.layer_class_to_replicate is DynamicLayer:
-            self.layer_class_to_replicate = BufferedLayer
-
-
-class DeepseekV2GenerationMixin(GenerationMixin):
-    """``GenerationMixin`` that generates with a :class:`DeepseekV2Cache` where it would create a ``DynamicCache``."""
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("cache")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            config = self.config.get_text_config(decoder=True)
-            model_kwargs["cache"] = DeepseekV2Cache(config=config, offloading=cache.offloading)
-
-
-@contextmanager
-def onednn_matmuls(enabled: bool) -> Iterator[None]:
-    """Turn oneDNN (MKL-DNN) matmuls on or off for a block, process-wide, restoring the setting after."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
-
-
-def native_gemv_for_one_token(num_tokens: int, device: torch.device):
-    """While decoding one token on CPU, run the linear layers on PyTorch's own GEMV instead of oneDNN.
-
-    With a single row, oneDNN's bf16 matmul streams the weights at about a third of the memory bandwidth;
-    PyTorch's native GEMV reaches nearly all of it (10 vs 29 GB/s for the LM head on a 2-core AVX-512-BF16
-    machine), and decoding one token is nothing but streaming weights. oneDNN stays on for anything wider,
-    where it is the faster one. The switch is process-wide: a forward running meanwhile in another thread
-    stays correct, only its wider matmuls run slower.
-    """
-    return onednn_matmuls(False) if num_tokens == 1 and device.type == "cpu" else nullcontext()
 
 
 class DeepseekV2RMSNorm(nn.Module):
@@ -273,54 +159,6 @@ def interleaved_to_half(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
 
 
-def sdpa(query, key, value, attention_mask, scale, dropout_p=0.0) -> torch.Tensor:
-    """SDPA with a boolean/additive mask, or causal when no mask was needed.
-
-    Key and value may have fewer heads than the query (grouped heads, MLA's single latent head): SDPA
-    shares them across query heads itself instead of us copying the cache once per head.
-    """
-    return F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=dropout_p,
-        is_causal=attention_mask is None and query.shape[2] > 1,
-        scale=scale,
-        enable_gqa=key.shape[1] != query.shape[1],
-    )
-
-
-def attend_one_query(queries, keys, value, attention_mask, scale) -> torch.Tensor:
-    """Attention of one query position as two matmuls around a float32 softmax (the original's eager math).
-
-    CPU SDPA kernels are tiled for many queries; for a single one they run several times slower than this
-    (1.6 ms vs 0.45 ms for tiny's 10 heads over 1,400 cached bf16 keys and values, which stay in place).
-    ``queries`` ([b, heads, 1, d_i]) and ``keys`` ([b, kv_heads, n, d_i]) are matching parts of the query and
-    key features whose dot products add up, so that MLA's latent and roped parts need no concatenated copy
-    of the cache; query heads sharing a key/value head attend as rows of one matmul.
-    """
-    batch, heads = queries[0].shape[:2]
-    kv_heads = keys[0].shape[1]
-    group = heads // kv_heads
-    scores = None
-    # On CPU in bf16, PyTorch's GEMV scores one query row per key head ~1.5x faster than oneDNN, which is
-    # faster for several rows and for the probabilities x values product (~7x).
-    with onednn_matmuls(group > 1):
-        for query, key in zip(queries, keys):
-            part = torch.matmul(query.reshape(batch, kv_heads, group, -1) * scale, key.transpose(-1, -2))
-            scores = part if scores is None else scores + part
-    scores = scores.view(batch, heads, 1, -1)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    elif attention_mask is not None:
-        scores = scores + attention_mask
-    probs = scores.float().softmax(dim=-1).to(value.dtype).view(batch, kv_heads, group, -1)
-    with onednn_matmuls(True):
-        output = torch.matmul(probs, value)
-    return output.view(batch, heads, 1, -1)
-
-
 class DeepseekV2MultiHeadAttention(nn.Module):
     """Plain multi-head attention (with optional grouped KV heads) and rotate-half RoPE over the whole head."""
 
@@ -355,7 +193,8 @@ class DeepseekV2MultiHeadAttention(nn.Module):
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        if seq_len == 1 and query.device.type == "cpu" and not self.training:
+        one_query = choose(Op.ATTENTION, query.device, query.dtype, seq_len) is Kernel.ONE_QUERY
+        if one_query and not self.training:  # only SDPA has dropout
             output = attend_one_query((query,), (key,), value, attention_mask, self.scaling)
         else:
             dropout = self.attention_dropout if self.training else 0.0
@@ -438,9 +277,11 @@ class DeepseekV2LatentAttention(nn.Module):
         """The same attention with ``kv_b_proj`` absorbed: q_nope.W_k scores the latent, W_v maps the result."""
         kv_b = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_key, w_value = kv_b.split([self.nope_dim, self.v_dim], dim=1)
-        with onednn_matmuls(True):  # a [1, n] x [n, r] product per head: oneDNN's strength (see attend_one_query)
+        queries = q_nope.shape[2]
+        with matmuls_on(choose(Op.LATENT_QUERY, q_nope.device, q_nope.dtype, queries)):
             q_latent = torch.matmul(q_nope, w_key)  # [batch, heads, seq, rank]
-        if q_latent.shape[2] == 1 and q_latent.device.type == "cpu" and not self.training:
+        one_query = choose(Op.ATTENTION, q_latent.device, q_latent.dtype, queries) is Kernel.ONE_QUERY
+        if one_query and not self.training:  # only SDPA has dropout
             output = attend_one_query((q_latent, q_rope), (latent, k_rope), latent, attention_mask, self.scaling)
         else:
             query = torch.cat((q_latent, q_rope), dim=-1)  # [batch, heads, seq, rank + rope]
@@ -529,16 +370,14 @@ class DeepseekV2Experts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """[tokens, hidden] routed by ``top_k_index``/``top_k_weights`` [tokens, top_k] -> [tokens, hidden].
 
-        Many pairs (prefill) run expert by expert on the sorted pairs. Few pairs (decode) on an accelerator
-        gather their experts' weights, as a host sync would stall the queue; on CPU there is no queue to
-        drain, while copying weights would triple a decode step's memory traffic, so each pair reads its
-        expert's weights in place.
+        The path (pair by pair in place, gathered weights, or sorted segments) is chosen by ``kernels``.
         """
-        on_cpu = hidden_states.device.type == "cpu"
-        if top_k_index.numel() > (MAX_PAIRS_IN_PLACE if on_cpu else MAX_GATHERED_EXPERTS):
+        device, dtype = hidden_states.device, hidden_states.dtype
+        path = choose(Op.EXPERTS, device, dtype, top_k_index.numel())
+        if path is Kernel.SORTED:
             return self._run_sorted(hidden_states, top_k_index, top_k_weights)
-        if on_cpu:
-            with onednn_matmuls(False):  # one-row products: PyTorch's GEMV (see native_gemv_for_one_token)
+        if path is Kernel.EACH_PAIR:
+            with matmuls_on(choose(Op.MATMUL, device, dtype, 1)):  # each pair's products have one row
                 expert_outputs = self._run_each(hidden_states, top_k_index)
         else:
             expert_outputs = self._run_gathered(hidden_states, top_k_index)
@@ -757,7 +596,8 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
         """Logits in the model dtype, for the last ``logits_to_keep`` positions only (0 keeps all)."""
         tokens = input_ids if inputs_embeds is None else inputs_embeds
         num_tokens = tokens.shape[:2].numel() if tokens is not None else 0
-        with native_gemv_for_one_token(num_tokens, self.lm_head.weight.device):
+        weight = self.lm_head.weight
+        with matmuls_on(choose(Op.MATMUL, weight.device, weight.dtype, num_tokens)):
             outputs = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -19,8 +19,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from ..utils.checkpoint import check_checkpoint_location
 from ..utils.checks import check_chunk_size
+from .cache import DeepseekV2Cache, DeepseekV2GenerationMixin
 from .configuration import DeepseekVLV2Config
-from .language import DeepseekV2Cache, DeepseekV2ForCausalLM, DeepseekV2GenerationMixin
+from .language import DeepseekV2ForCausalLM
 from .projector import MlpProjector
 from .tiling import num_tiles
 from .vision import VisionTransformer

@@ -1,0 +1,175 @@
+"""Which kernel runs each of the decoder's hot operations, on which device, in which dtype, at which size.
+
+The model asks :func:`choose` ("which kernel for this op, device, dtype and size?") and runs the kernel it
+names; nothing else decides. The rules are fixed, from measurements on an AVX-512-BF16 CPU
+(``benchmarks/kernel_ceilings.py`` times the candidates); they read the device and the size, and the
+dtype is part of the question because kernel speeds and weight formats differ by dtype. The generic
+kernels chosen between live here too (the experts' own loops are methods of their module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+
+# Up to this many (token, expert) pairs the experts run pair by pair (decoding a few sequences). On an
+# accelerator they gather the selected experts' weights (no host sync); beyond this, copying weights costs
+# more than one sync per layer. On CPU they read them in place, with one matrix-vector product per pair,
+# which beats one small matrix product per expert up to a few rows per expert.
+MAX_GATHERED_EXPERTS = 16
+MAX_PAIRS_IN_PLACE = 32
+
+
+class Op(Enum):
+    """A kind of operation with kernels to choose from; the comment says what ``size`` counts."""
+
+    MATMUL = "matmul"  # the decoder's weight products (linear layers, LM head, one expert pair): rows
+    ATTENTION = "attention"  # attention of the new positions over the cache: query positions
+    ONE_QUERY_SCORES = "one_query_scores"  # q.K of one query position: query heads per key head
+    ONE_QUERY_VALUES = "one_query_values"  # probabilities x values of one query position: likewise
+    LATENT_QUERY = "latent_query"  # MLA's query taken into latent space (q_nope x W_k): query positions
+    EXPERTS = "experts"  # the routed experts: (token, expert) pairs
+
+
+class Kernel(Enum):
+    """An implementation the model can run."""
+
+    TORCH_DEFAULT = "torch_default"  # matrix products as PyTorch dispatches them, oneDNN as the process has it
+    NATIVE_GEMV = "native_gemv"  # matrix products with oneDNN off: PyTorch's own GEMV for one row
+    ONEDNN = "onednn"  # matrix products with oneDNN on
+    SDPA = "sdpa"  # :func:`sdpa`
+    ONE_QUERY = "one_query"  # :func:`attend_one_query`
+    EACH_PAIR = "each_pair"  # ``DeepseekV2Experts._run_each``
+    GATHERED = "gathered"  # ``DeepseekV2Experts._run_gathered``
+    SORTED = "sorted"  # ``DeepseekV2Experts._run_sorted``
+
+
+MATMUL_KERNELS = (Kernel.TORCH_DEFAULT, Kernel.NATIVE_GEMV, Kernel.ONEDNN)
+
+
+def _matmul(device: torch.device, dtype: torch.dtype, rows: int) -> Kernel:
+    """One row on CPU: PyTorch's GEMV, which streams the weights near the memory bandwidth where oneDNN's
+    bf16 matmul stays far below it, and decoding one token is nothing but streaming weights. Wider
+    products: as PyTorch dispatches them (oneDNN, the faster one there)."""
+    return Kernel.NATIVE_GEMV if device.type == "cpu" and rows == 1 else Kernel.TORCH_DEFAULT
+
+
+def _attention(device: torch.device, dtype: torch.dtype, queries: int) -> Kernel:
+    """One query position on CPU: two matmuls around a softmax. CPU SDPA kernels are tiled for many
+    queries and run several times slower for a single one."""
+    return Kernel.ONE_QUERY if device.type == "cpu" and queries == 1 else Kernel.SDPA
+
+
+def _one_query_scores(device: torch.device, dtype: torch.dtype, group: int) -> Kernel:
+    """PyTorch's GEMV scores one query row per key head faster than oneDNN (bf16, CPU); oneDNN is the
+    faster one for several rows."""
+    return Kernel.ONEDNN if group > 1 else Kernel.NATIVE_GEMV
+
+
+def _one_query_values(device: torch.device, dtype: torch.dtype, group: int) -> Kernel:
+    """oneDNN multiplies the probabilities by the values several times faster than PyTorch's GEMV."""
+    return Kernel.ONEDNN
+
+
+def _latent_query(device: torch.device, dtype: torch.dtype, queries: int) -> Kernel:
+    """A [1, n] x [n, r] product per head: oneDNN's strength on CPU, as for the values."""
+    return Kernel.ONEDNN if device.type == "cpu" else Kernel.TORCH_DEFAULT
+
+
+def _experts(device: torch.device, dtype: torch.dtype, pairs: int) -> Kernel:
+    """Many pairs (prefill): expert by expert on the sorted pairs. Few pairs (decode) on an accelerator:
+    gather their experts' weights, as a host sync would stall the queue; on CPU there is no queue to
+    drain, while copying weights would triple a decode step's memory traffic: each pair in place."""
+    if device.type == "cpu":
+        return Kernel.EACH_PAIR if pairs <= MAX_PAIRS_IN_PLACE else Kernel.SORTED
+    return Kernel.GATHERED if pairs <= MAX_GATHERED_EXPERTS else Kernel.SORTED
+
+
+_RULES: dict[Op, Callable[[torch.device, torch.dtype, int], Kernel]] = {
+    Op.MATMUL: _matmul,
+    Op.ATTENTION: _attention,
+    Op.ONE_QUERY_SCORES: _one_query_scores,
+    Op.ONE_QUERY_VALUES: _one_query_values,
+    Op.LATENT_QUERY: _latent_query,
+    Op.EXPERTS: _experts,
+}
+
+
+def choose(op: Op, device: torch.device, dtype: torch.dtype, size: int) -> Kernel:
+    """The kernel to run ``op`` with, on ``device`` in ``dtype``, for ``size`` as :class:`Op` counts it."""
+    return _RULES[op](device, dtype, size)
+
+
+@contextmanager
+def onednn_matmuls(enabled: bool) -> Iterator[None]:
+    """Turn oneDNN (MKL-DNN) matmuls on or off for a block, process-wide, restoring the setting after.
+
+    It cannot be scoped more narrowly: in PyTorch 2.13 every matrix-product op (linear, addmm and mm
+    through ``cpublas::gemm``'s ``mkldnn_bf16_gemm``; mv, addmv, dot, bmm and baddbmm through
+    ``use_mkldnn_matmul``) sends bf16 products to oneDNN whenever the global ``userEnabledMkldnn`` flag
+    is set and the CPU has AVX-512 or AMX, with no per-call or per-thread override and a size cut-off
+    (16^3 multiply-adds) far below ours; only CPUs without AVX-512-BF16 get the GEMV for one row anyway.
+    A forward running meanwhile in another thread stays correct; only its wider products run slower.
+    ``torch.backends.mkldnn.flags`` would also reset the deterministic, TF32 and fp32-precision settings.
+    """
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+def matmuls_on(kernel: Kernel) -> AbstractContextManager[None]:
+    """A block whose matrix products run on ``kernel``, one of :data:`MATMUL_KERNELS`."""
+    if kernel not in MATMUL_KERNELS:
+        raise ValueError(f"{kernel} is not a matrix-product kernel; expected one of {MATMUL_KERNELS}")
+    return nullcontext() if kernel is Kernel.TORCH_DEFAULT else onednn_matmuls(kernel is Kernel.ONEDNN)
+
+
+def sdpa(query, key, value, attention_mask, scale, dropout_p=0.0) -> torch.Tensor:
+    """SDPA with a boolean/additive mask, or causal when no mask was needed.
+
+    Key and value may have fewer heads than the query (grouped heads, MLA's single latent head): SDPA
+    shares them across query heads itself instead of us copying the cache once per head.
+    """
+    return F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout_p,
+        is_causal=attention_mask is None and query.shape[2] > 1,
+        scale=scale,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+
+
+def attend_one_query(queries, keys, value, attention_mask, scale) -> torch.Tensor:
+    """Attention of one query position as two matmuls around a float32 softmax (the original's eager math).
+
+    ``queries`` ([b, heads, 1, d_i]) and ``keys`` ([b, kv_heads, n, d_i]) are matching parts of the query and
+    key features whose dot products add up, so that MLA's latent and roped parts need no concatenated copy
+    of the cache (which stays in place); query heads sharing a key/value head attend as rows of one matmul.
+    """
+    batch, heads = queries[0].shape[:2]
+    kv_heads = keys[0].shape[1]
+    group = heads // kv_heads
+    scores = None
+    with matmuls_on(choose(Op.ONE_QUERY_SCORES, value.device, value.dtype, group)):
+        for query, key in zip(queries, keys):
+            part = torch.matmul(query.reshape(batch, kv_heads, group, -1) * scale, key.transpose(-1, -2))
+            scores = part if scores is None else scores + part
+    scores = scores.view(batch, heads, 1, -1)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    probs = scores.float().softmax(dim=-1).to(value.dtype).view(batch, kv_heads, group, -1)
+    with matmuls_on(choose(Op.ONE_QUERY_VALUES, value.device, value.dtype, group)):
+        output = torch.matmul(probs, value)
+    return output.view(batch, heads, 1, -1)
