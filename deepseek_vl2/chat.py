@@ -285,7 +285,8 @@ class DeepseekVL2Chat:
         first = streamer.first_token_at or finished
         decode_s = finished - first
         new_tokens = int((new_ids != self.processor.tokenizer.pad_token_id).sum())
-        ended = int(new_ids[-1]) == self.processor.tokenizer.eos_token_id or any(text in answer for text in settings.stop)
+        ended = int(new_ids[-1]) == self.processor.tokenizer.eos_token_id
+        ended = ended or any(text in answer for text in settings.stop)
         conversation[-1] = {"role": ASSISTANT, "content": answer}
         yield ChatResult(
             answer=answer,
