@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+SELF_EXTRA = re.compile(r"^[A-Za-z0-9_.-]+\[([^\]]+)\]\s*$")
 FLOOR = re.compile(r"^\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*>=\s*([^,;\s]+)")
 
 
@@ -24,9 +25,14 @@ def lowest_pins(requirements: list[str]) -> list[str]:
 
 def main(extras: list[str]) -> None:
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-    requirements = list(project["dependencies"])
-    for extra in extras:
-        requirements += project["optional-dependencies"][extra]
+    requirements, extras = list(project["dependencies"]), list(extras)
+    while extras:
+        for requirement in project["optional-dependencies"][extras.pop()]:
+            nested = SELF_EXTRA.match(requirement) if requirement.startswith(project["name"]) else None
+            if nested:  # "deepseek-vl2[serve]": that extra's requirements too
+                extras += nested[1].split(",")
+            elif requirement not in requirements:
+                requirements.append(requirement)
     print("\n".join(lowest_pins(requirements)))
 
 

@@ -212,6 +212,12 @@ def build_model(variant: str, layers: int | None, dtype: torch.dtype, device: to
     return model.eval()
 
 
+def build_processor(variant: str, folder: str | Path) -> DeepseekVLV2Processor:
+    """The variant's processor, its tokenizer files written to ``folder`` (small has its own tokenizer)."""
+    flavor = "small" if variant == "small" else "tiny"
+    return DeepseekVLV2Processor(build_tokenizer(folder, flavor), candidate_resolutions=CANDIDATE_RESOLUTIONS)
+
+
 @torch.no_grad()
 def fill_random(model: torch.nn.Module, seed: int) -> None:
     """Weights of std 1/sqrt(fan_in) copied from one random pool (fast); norms one; routers truly random.
@@ -548,14 +554,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model to build: which variant's real dimensions, how many decoder layers, dtype and device."""
     parser.add_argument("--variant", choices=VARIANTS, default="tiny")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the variant's)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 4])
@@ -609,8 +620,7 @@ def main(argv=None) -> dict:
           flush=True)  # fmt: skip
 
     with tempfile.TemporaryDirectory() as folder:
-        flavor = "small" if args.variant == "small" else "tiny"
-        processor = DeepseekVLV2Processor(build_tokenizer(folder, flavor), candidate_resolutions=CANDIDATE_RESOLUTIONS)
+        processor = build_processor(args.variant, folder)
 
     # One untimed pass through vision, prefill and decode first: one-time allocations and kernel set-up
     # would otherwise land in the first workload's figures.

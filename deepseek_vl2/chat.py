@@ -41,6 +41,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.1
     greedy: bool = False
     seed: int | None = None
+    stop: Sequence[str] = ()  # generation ends once the answer contains one of these strings
 
     def __post_init__(self):
         check_max_new_tokens(self.max_new_tokens)
@@ -50,6 +51,11 @@ class GenerationSettings:
                 raise TypeError(f"{name} must be a number, got {value!r}")
         if not isinstance(self.greedy, bool):
             raise TypeError(f"greedy must be True or False, got {self.greedy!r}")
+        if isinstance(self.stop, str) or not isinstance(self.stop, Iterable):
+            raise TypeError(f"stop must be a list of strings, got {self.stop!r}")
+        self.stop = tuple(self.stop)
+        if not all(isinstance(text, str) and text for text in self.stop):
+            raise ValueError(f"stop must hold non-empty strings, got {list(self.stop)!r}")
         if self.seed is not None:
             if isinstance(self.seed, bool) or not isinstance(self.seed, int):
                 raise TypeError(f"seed must be an int or None, got {self.seed!r}")
@@ -64,6 +70,8 @@ class GenerationSettings:
 
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.stop:
+            kwargs["stop_strings"] = list(self.stop)
         if self.greedy or self.temperature == 0:
             return {**kwargs, "do_sample": False}
         return {**kwargs, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
@@ -80,6 +88,8 @@ class ChatResult:
     prompt_tokens: int
     new_tokens: int
     timings: dict = field(default_factory=dict)  # seconds: prefill (to first token), decode; tokens_per_s
+    # "stop": the model ended the answer (end of sentence, or a `stop` string); "length": max_new_tokens ran out
+    finish_reason: str = "stop"
 
     def grounding_json(self) -> dict:
         """``boxes`` (0-999 grid, and pixels of the image they are on) and ``grounding_problems``, for JSON."""
@@ -277,6 +287,8 @@ class DeepseekVL2Chat:
         first = streamer.first_token_at or finished
         decode_s = finished - first
         new_tokens = int((new_ids != self.processor.tokenizer.pad_token_id).sum())
+        ended = int(new_ids[-1]) == self.processor.tokenizer.eos_token_id
+        ended = ended or any(text in answer for text in settings.stop)
         conversation[-1] = {"role": ASSISTANT, "content": answer}
         yield ChatResult(
             answer=answer,
@@ -292,6 +304,7 @@ class DeepseekVL2Chat:
                 "decode_s": decode_s,
                 "tokens_per_s": (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else 0.0,
             },
+            finish_reason="stop" if ended or new_tokens < settings.max_new_tokens else "length",
         )
 
     def chat(self, *args, **kwargs) -> ChatResult:
@@ -320,6 +333,7 @@ class DeepseekVL2Chat:
             "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
+            "tokenizer": tokenizer,  # for stop strings
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([_StopWhenSet(stop)]),
             **settings.generate_kwargs(),

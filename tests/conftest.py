@@ -68,3 +68,24 @@ def ram_for_two_layers(loaded):
         return sizes["vision"] + sizes["embeddings"] + 3 * layer
 
     return get
+
+
+@pytest.fixture(scope="session")
+def endless_checkpoint_dir(tmp_path_factory):
+    """A float32 tiny checkpoint whose end-of-sentence logit is always 0: greedy answers run to max_new_tokens.
+
+    For tests that need a generation still running when they act (a disconnect, a kill, a full queue).
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from deepseek_vl2.models import DeepseekVLV2Processor
+
+    path = build_checkpoint(tmp_path_factory.mktemp("ckpt-endless"), "tiny", seed=1234, dtype=torch.float32)
+    name = "language.lm_head.weight"
+    shard = path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][DeepseekVLV2Processor.from_pretrained(path).tokenizer.eos_token_id] = 0.0
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return path
