@@ -13,6 +13,7 @@ from PIL import Image
 
 from ..chat import ChatResult, ContextTooLongError, DeepseekVL2Chat, GenerationSettings
 from ..grounding import GroundingResult, parse_grounding
+from ..models.conversation import place_images
 from .media import MediaError, MediaPolicy
 from .protocol import APIError, ChatCompletionRequest, Message
 
@@ -90,15 +91,6 @@ def _model_message(message: Message, index: int, media: MediaPolicy) -> dict:
     return {"role": role, "content": place_images(message.text, len(images)), "images": images}
 
 
-def place_images(prompt: str, count: int) -> str:
-    """One ``<image>`` line per image before the text, unless the text places them itself.
-
-    The chat API's rule for a new prompt (``DeepseekVL2Chat.build_conversation``), applied to earlier
-    turns. Local until that rule has its own home (``models.conversation.place_images``).
-    """
-    return "<image>\n" * count + prompt if count and "<image>" not in prompt else prompt
-
-
 def _load_images(message: Message, index: int, media: MediaPolicy) -> list[Image.Image]:
     images = []
     for number, url in enumerate(message.image_urls):
@@ -172,23 +164,12 @@ class StopCutter:
 
 
 def grounding_json(grounding: GroundingResult, images: Sequence[Image.Image]) -> dict:
-    """The boxes on the 0-999 grid, and in pixels of each image of the conversation.
-
-    Local stand-in for ``GroundingResult.to_json(image_size)`` (same keys: ``boxes`` of ``label``,
-    ``boxes_0_999`` and ``boxes_pixels``); switch to it when it lands in grounding.py.
-    """
-
-    def boxes(size: tuple[int, int] | None) -> list[dict]:
-        entries = []
-        for obj in grounding.objects:
-            entry = {"label": obj.label, "boxes_0_999": [[b.x1, b.y1, b.x2, b.y2] for b in obj.boxes]}
-            if size is not None:
-                entry["boxes_pixels"] = [list(box) for box in obj.pixel_boxes(*size)]
-            entries.append(entry)
-        return entries
-
+    """The boxes on the 0-999 grid, and in pixels of each image of the conversation."""
     return {
-        "boxes": boxes(None),
-        "images": [{"width": image.width, "height": image.height, "boxes": boxes(image.size)} for image in images],
+        "boxes": grounding.to_json()["boxes"],
+        "images": [
+            {"width": image.width, "height": image.height, "boxes": grounding.to_json(image.size)["boxes"]}
+            for image in images
+        ],
         "problems": list(grounding.problems),
     }
