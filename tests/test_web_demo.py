@@ -648,8 +648,11 @@ def page(tmp_path_factory):
         pytest.skip("playwright is not installed (pip install playwright; it drives Debian's chromium)")
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # Assertions wait as long as actions: a 300-token answer takes longer than expect's 5 s default on a CPU
+    # without fast bfloat16 (the demo model's dtype).
+    expect.set_options(timeout=60_000)
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")),
