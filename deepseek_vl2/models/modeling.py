@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import CONFIG_NAME
 from transformers.utils.deprecation import deprecate_kwarg
 
-from ..utils.checkpoint import check_checkpoint_location
+from ..utils.checkpoint import check_checkpoint_location, own_mapped_weights
 from ..utils.checks import check_chunk_size
 from .cache import DeepseekV2Cache, DeepseekV2GenerationMixin
 from .configuration import DeepseekVLV2Config
@@ -44,10 +44,13 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' loader, with errors that name the problem: a missing folder, wrong-shaped tensors."""
+        """transformers' loader, with errors that name the problem (a missing folder, wrong-shaped tensors),
+        and weights in the process's own memory rather than views of the checkpoint files."""
         check_checkpoint_location(pretrained_model_name_or_path, CONFIG_NAME, kwargs.get("subfolder") or "")
         if kwargs.get("ignore_mismatched_sizes"):
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            own_mapped_weights(model[0] if isinstance(model, tuple) else model)
+            return model
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
@@ -58,6 +61,7 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
                 for name, found, expected in sorted(info["mismatched_keys"])
             )
             raise ValueError(f"checkpoint {pretrained_model_name_or_path} has tensors of the wrong shape: {wrong}")
+        own_mapped_weights(model)
         return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
