@@ -2,8 +2,8 @@
 
 Writes a random-weight checkpoint in the published layout once (``--folder``, kept for later runs), then
 loads it in a fresh process per mode and reads /proc/self/status: resident memory, split into anonymous
-and file-backed pages, and the peak. ``mapped`` skips the copy that gives the weights their own memory,
-to show what it saves (Linux only).
+and file-backed pages, and the peak. ``mapped`` skips the copy that gives the weights their own memory
+and the release of the pages read, to show what they save (Linux only).
 
     python benchmarks/load_memory.py                     # tiny, bf16: writes ~6.7 GB once
     python benchmarks/load_memory.py --variant tiny --layers 4
@@ -31,8 +31,10 @@ LOAD = """
 import json, sys, time
 import torch
 from deepseek_vl2.models import DeepseekVLV2ForCausalLM, modeling
+from deepseek_vl2.utils import checkpoint
 if sys.argv[2] == "mapped":
     modeling.own_mapped_weights = lambda model: None
+    checkpoint.release_checkpoint_pages = lambda: None
 start = time.perf_counter()
 model = DeepseekVLV2ForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 seconds = time.perf_counter() - start

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import mmap
 import os
 import re
 import sys
@@ -41,78 +40,68 @@ def check_checkpoint_location(name_or_path: str | os.PathLike, required_file: st
 
 
 
+_MADV_DONTNEED = 4
+
+
+class PageReleaser:
+    """Releases the checkpoint pages read so far (:func:`release_checkpoint_pages`) after every ``every`` bytes.
+
+    Each release costs a walk of the process's page tables, so it is done per chunk of reading, not per tensor.
+    """
+
+    def __init__(self, every: int = 512 << 20):
+        self.every, self.pending = every, 0
+
+    def read(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= self.every:
+            release_checkpoint_pages()
+            self.pending = 0
+
+
 def own_mapped_weights(model: torch.nn.Module) -> None:
     """Copy the CPU parameters and buffers that still view the checkpoint's memory-mapped files.
 
     transformers hands out zero-copy views of each safetensors file. While one view of a file lives, the
-    whole mapping does, and every page of it read while loading stays resident, the per-expert tensors
-    that were stacked into new memory among them: resident memory ends up well above the weights' size
-    (containers count those pages against their limit). A view's storage is not resizable; owned memory is.
-    On Linux the mapping's pages are released before and while copying (see :class:`_MappedPages`), so the
-    copies do not add to the peak.
+    whole mapping does, and every page of it read while loading stays resident: resident memory ends up
+    well above the weights' size (containers count those pages against their limit). A view's storage is
+    not resizable; owned memory is. The pages read are released as the copying goes, so that it does not
+    add to the peak.
     """
-    views = [
-        (tensors, key)
-        for module in model.modules()
-        for tensors in (module._parameters, module._buffers)
-        for key, tensor in tensors.items()
-        if tensor is not None and tensor.device.type == "cpu" and not tensor.untyped_storage().resizable()
-    ]
-    pages = _MappedPages([tensors[key] for tensors, key in views])
-    pages.release_all()
-    for tensors, key in views:
-        source = tensors[key].data
-        tensors[key].data = source.clone()
-        pages.release(source)
+    releaser = PageReleaser()
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for key, tensor in tensors.items():
+                if tensor is not None and tensor.device.type == "cpu" and not tensor.untyped_storage().resizable():
+                    tensors[key].data = tensor.data.clone()
+                    releaser.read(tensor.numel() * tensor.element_size())
+    release_checkpoint_pages()
 
 
-class _MappedPages:
-    """The resident pages of the file mappings behind some tensors, released on request (Linux, else nothing).
+def release_checkpoint_pages() -> None:
+    """Let the kernel drop the resident pages of this process's mapped safetensors files (Linux only).
 
-    Only mappings without privately modified pages are touched: the kernel reads a released page back from
-    the file when it is next used, so a clean page loses nothing.
+    Only mappings without privately modified pages are released: the kernel reads a released page back
+    from the file when it is next used, so a clean page loses nothing, while a page that was read once
+    (a per-expert tensor already stacked into new memory) stops counting against the process.
     """
+    if sys.platform != "linux":
+        return
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    for start, end in _clean_safetensors_mappings():
+        madvise(start, end - start, _MADV_DONTNEED)
 
-    MADV_DONTNEED = 4
 
-    def __init__(self, tensors: list[torch.Tensor]):
-        self.clean: list[tuple[int, int]] = []
-        if sys.platform != "linux" or not tensors:
-            return
-        self.madvise = ctypes.CDLL(None, use_errno=True).madvise
-        self.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        pointers = [tensor.untyped_storage().data_ptr() for tensor in tensors]
-        for start, end, dirty in self._file_mappings():
-            if not dirty and any(start <= pointer < end for pointer in pointers):
-                self.clean.append((start, end))
-
-    @staticmethod
-    def _file_mappings() -> list[tuple[int, int, bool]]:
-        """(start, end, has privately modified pages) of each file-backed mapping of this process."""
-        mappings = []  # [start, end, file-backed, modified] of every mapping
-        with open("/proc/self/smaps") as smaps:
-            for line in smaps:
-                fields = line.split()
-                if not fields[0].endswith(":"):  # a mapping's header: range, perms, offset, device, inode[, path]
-                    start, end = (int(bound, 16) for bound in fields[0].split("-"))
-                    mappings.append([start, end, len(fields) > 5 and fields[5].startswith("/"), False])
-                elif fields[0] in ("Private_Dirty:", "Anonymous:") and int(fields[1]):
-                    mappings[-1][3] = True
-        return [(start, end, modified) for start, end, file_backed, modified in mappings if file_backed]
-
-    def _release(self, start: int, end: int) -> None:
-        page = mmap.PAGESIZE
-        start, end = -(-start // page) * page, end // page * page
-        if end > start:
-            self.madvise(start, end - start, self.MADV_DONTNEED)
-
-    def release_all(self) -> None:
-        for start, end in self.clean:
-            self._release(start, end)
-
-    def release(self, tensor: torch.Tensor) -> None:
-        """Release the whole pages under ``tensor``'s bytes, if they lie in a clean mapping."""
-        begin = tensor.data_ptr()
-        end = begin + tensor.numel() * tensor.element_size()
-        if any(start <= begin < stop for start, stop in self.clean):
-            self._release(begin, end)
+def _clean_safetensors_mappings() -> list[tuple[int, int]]:
+    """(start, end) of each mapping of a ``.safetensors`` file that holds no privately modified page."""
+    mappings = []  # [start, end, is a safetensors file, modified] of every mapping
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's header: range, perms, offset, device, inode[, path]
+                start, end = (int(bound, 16) for bound in fields[0].split("-"))
+                mappings.append([start, end, fields[-1].endswith(".safetensors"), False])
+            elif fields[0] in ("Private_Dirty:", "Anonymous:") and int(fields[1]):
+                mappings[-1][3] = True
+    return [(start, end) for start, end, checkpoint, modified in mappings if checkpoint and not modified]
