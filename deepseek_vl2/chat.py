@@ -205,7 +205,8 @@ class DeepseekVL2Chat:
 
         ``device_map`` ("auto", with ``max_memory`` such as ``{0: "20GiB", "cpu": "48GiB"}`` and an
         ``offload_folder``) is transformers' own, as ``deepseek-vl2 plan`` advises; the model then
-        stays where it is placed and inputs go to ``model.device``.
+        stays where it is placed and inputs go to ``model.device``. ``reuse`` and ``reuse_budget`` are
+        the constructor's.
         """
         dtype = pick_dtype(dtype)
         device = pick_placement(device, device_map, max_memory, offload_folder)
