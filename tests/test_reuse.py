@@ -335,6 +335,14 @@ def test_web_sessions_keep_their_own_history_and_clear_frees_theirs(loaded, monk
     owners = {entry.owner for entry in chat.reuse._entries.values() if isinstance(entry, PrefixCache)}
     assert owners == {session_owner(bob)}
 
+    app.add_message({"text": "A long story, please.", "files": []}, alice)
+    updates = app.respond(alice, 0.9, 0.0, 1.1, 200, 4096)
+    next(updates), next(updates)  # "Generating…", then the first streamed text
+    app.clear(alice)  # Clear while the answer is being generated
+    list(updates)
+    owners = {entry.owner for entry in chat.reuse._entries.values() if isinstance(entry, PrefixCache)}
+    assert owners == {session_owner(bob)}
+
 
 @pytest.mark.parametrize("variant", ["tiny", "small"])
 def test_follow_ups_with_an_offloaded_model(checkpoint_dir, loaded, variant, tmp_path):

@@ -205,6 +205,8 @@ class ChatApp:
                         yield chat_messages(turns), turn_gallery(turns), generating
             finally:
                 stream.close()  # ends the model's generation at the next token, also if Gradio closes us
+                if not turns:  # cleared while answering: the prompt cache this turn just kept is no one's
+                    self.forget_session(turns)
             if result is not None:
                 turn.answer = result.answer
                 turn.overlays = [self._save_image(image) for image in result.grounding_overlays()]
