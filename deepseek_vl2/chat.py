@@ -1,7 +1,8 @@
 """A small notebook-level API over the processor and the model: load, ask, read the answer.
 
-It is built only on the public low-level API (processor -> prepare_inputs_embeds /
-incremental_prefilling -> generate), so what it does, a user can do by hand.
+It is built only on the public low-level API (processor -> prepare_inputs_embeds, or encode_images
+and place_image_runs with ``models.reuse``'s kept state / incremental_prefilling -> generate), so what
+it does, a user can do by hand.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def add_reuse_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--reuse_budget", metavar="SIZE",
         help="memory for the prompt caches and image features kept between turns, e.g. 2GiB "
-        "(default: 4 contexts' KV cache; 0: no reuse)",
+        "(default: the reuse line of deepseek-vl2 plan; 0: no reuse)",
     )  # fmt: skip
 
 
