@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import CONFIG_NAME
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ..quantization.loading import check_against_stored, requested_config, stored_config
 from ..utils.checkpoint import check_checkpoint_location
 from ..utils.checks import check_chunk_size
 from .cache import DeepseekV2Cache, DeepseekV2GenerationMixin
@@ -43,9 +44,22 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' loader, with errors that name the problem: a missing folder, wrong-shaped tensors."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, quantization: str | None = None, **kwargs):
+        """transformers' loader, with errors that name the problem: a missing folder, wrong-shaped tensors.
+
+        ``quantization="int8"`` or ``"int4"`` (or ``quantization_config=DeepseekVL2QuantizationConfig(...)``)
+        quantizes the weights while loading; a checkpoint saved quantized loads quantized by itself.
+        """
         check_checkpoint_location(pretrained_model_name_or_path, CONFIG_NAME, kwargs.get("subfolder") or "")
+        requested = requested_config(quantization, kwargs.pop("quantization_config", None))
+        if requested is not None:
+            config_dict, _ = cls.config_class.get_config_dict(
+                pretrained_model_name_or_path, subfolder=kwargs.get("subfolder") or ""
+            )
+            stored = stored_config(config_dict)
+            check_against_stored(requested, stored)
+            if stored is None:
+                kwargs["quantization_config"] = requested
         if kwargs.get("ignore_mismatched_sizes"):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
@@ -59,6 +73,16 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
             )
             raise ValueError(f"checkpoint {pretrained_model_name_or_path} has tensors of the wrong shape: {wrong}")
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' saver; a quantized model keeps its experts stacked, as it holds them.
+
+        Splitting them into the published one-tensor-per-expert layout would split int4's packed tiles
+        and grouped scales along the wrong axes; a quantized folder is read by this library only.
+        """
+        if getattr(self, "is_quantized", False):
+            kwargs["save_original_format"] = False
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Random init for built test checkpoints; the decoder (a sub-model) initialises itself."""
