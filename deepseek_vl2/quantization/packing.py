@@ -23,7 +23,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values [..., out, in], scales [..., out] in ``weight``'s dtype)."""
     values = weight.float()
     scale = (values.abs().amax(dim=-1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(weight.dtype)
-    quantized = (values / scale.float().unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    quantized = (values / scale.float().unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)  # one float copy
     return quantized, scale
 
 
@@ -34,8 +34,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(weight.dtype)
     zero = (low + 8 * scale.float()).to(weight.dtype)
-    levels = (groups - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1) + 8
-    quantized = levels.round().clamp(0, 15).to(torch.uint8).reshape(*lead, rows, columns)
+    levels = (groups - zero.float().unsqueeze(-1)).div_(scale.float().unsqueeze(-1)).add_(8)  # one float copy
+    quantized = levels.round_().clamp_(0, 15).to(torch.uint8).reshape(*lead, rows, columns)
     scales_and_zeros = torch.stack((scale, zero), dim=-1).transpose(-3, -2).contiguous()
     return pack_int4(quantized), scales_and_zeros
 
@@ -82,8 +82,18 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(quantized weight, scale) of ``weight`` [..., out, in] with ``bits`` 8 or 4."""
-    return quantize_int8(weight) if bits == 8 else quantize_int4(weight, group_size)
+    """(quantized weight, scale) of ``weight`` [..., out, in] with ``bits`` 8 or 4.
+
+    A stack is quantized one matrix at a time into its outputs, so that the float32 temporaries are one
+    matrix's, not a whole layer of experts'.
+    """
+    one = quantize_int8 if bits == 8 else lambda matrix: quantize_int4(matrix, group_size)
+    if weight.dim() == 2:
+        return one(weight)
+    quantized, scale = empty_quantized(weight.shape, bits, group_size, weight.dtype, weight.device)
+    for index in range(weight.shape[0]):
+        quantized[index], scale[index] = quantize(weight[index], bits, group_size)
+    return quantized, scale
 
 
 def empty_quantized(shape, bits: int, group_size: int | None, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
