@@ -322,3 +322,29 @@ def test_a_device_without_a_kernel_is_named():
         choose_weight_only(torch.device("cuda"), 4)
     with pytest.raises(ValueError, match="no kernel for int8 weights on cuda"):
         DeepseekVL2Quantizer(SETTINGS["int8"], pre_quantized=False).validate_environment(device_map={"": "cuda"})
+
+
+def test_chat_api_and_cli_quantize_while_loading(checkpoint_dir, quantized, capsys):
+    from deepseek_vl2.chat import DeepseekVL2Chat, GenerationSettings
+    from deepseek_vl2.cli import main
+
+    path = checkpoint_dir("tiny")
+    chat = DeepseekVL2Chat.from_pretrained(path, dtype="fp32", device="cpu", quantization="int8")
+    assert isinstance(chat.model.language.lm_head, QuantizedLinear)
+    state, expected = chat.model.state_dict(), quantized("tiny", "int8").state_dict()
+    assert all(torch.equal(state[name], expected[name]) for name in expected)
+    common = [
+        "--model_path",
+        str(path),
+        "--dtype",
+        "fp32",
+        "--max_new_tokens",
+        "4",
+        "--greedy",
+        "--json",
+        "--no-stream",
+    ]
+    assert main([*common, "--quantize", "int8"]) == 0
+    answer = json.loads(capsys.readouterr().out)["answer"]
+    settings = GenerationSettings(max_new_tokens=4, greedy=True)
+    assert answer == chat.chat("Hello!", settings=settings).answer  # the CLI's prompt without images

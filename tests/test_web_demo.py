@@ -550,7 +550,7 @@ def test_loading_flags_reach_the_model_under_each_name_of_the_model_flag(tiny_ch
     for name in ("--model_name", "--model_path", "--model"):
         assert web_demo.main([name, "org/model", *flags]) == 0
     expected = {"device": None, "dtype": "fp32", "chunk_size": 64, "device_map": "auto",
-                "max_memory": {0: 2 << 30, "cpu": 1 << 30}, "offload_folder": str(tmp_path)}  # fmt: skip
+                "max_memory": {0: 2 << 30, "cpu": 1 << 30}, "offload_folder": str(tmp_path), "quantization": None}  # fmt: skip
     assert loads == [("org/model", expected)] * 3
 
 
