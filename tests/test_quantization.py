@@ -348,3 +348,19 @@ def test_chat_api_and_cli_quantize_while_loading(checkpoint_dir, quantized, caps
     answer = json.loads(capsys.readouterr().out)["answer"]
     settings = GenerationSettings(max_new_tokens=4, greedy=True)
     assert answer == chat.chat("Hello!", settings=settings).answer  # the CLI's prompt without images
+
+
+def test_quantize_command_saves_a_checkpoint_that_loads_quantized(checkpoint_dir, quantized, tmp_path, capsys):
+    from deepseek_vl2.chat import DeepseekVL2Chat
+    from deepseek_vl2.cli import main
+
+    out = tmp_path / "int4"
+    command = ["quantize", "--model", str(checkpoint_dir("tiny")), "--bits", "4", "--group_size", "32"]
+    assert main([*command, "--dtype", "fp32", "--out", str(out)]) == 0
+    assert f"saved the int4 model to {out}" in capsys.readouterr().out
+    chat = DeepseekVL2Chat.from_pretrained(out, dtype="fp32", device="cpu")  # the folder alone: weights, processor
+    state, expected = chat.model.state_dict(), quantized("tiny", "int4").state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[name], expected[name]) for name in expected)
+    assert main(["quantize", "--model", str(checkpoint_dir("tiny")), "--bits", "8", "--group_size", "32",
+                 "--out", str(tmp_path / "bad")]) == 2  # fmt: skip
+    assert "group_size is for bits=4 only" in capsys.readouterr().err
