@@ -364,3 +364,12 @@ def test_quantize_command_saves_a_checkpoint_that_loads_quantized(checkpoint_dir
     assert main(["quantize", "--model", str(checkpoint_dir("tiny")), "--bits", "8", "--group_size", "32",
                  "--out", str(tmp_path / "bad")]) == 2  # fmt: skip
     assert "group_size is for bits=4 only" in capsys.readouterr().err
+
+
+def test_quantizing_a_loaded_model_in_place_equals_quantizing_on_load(checkpoint_dir, quantized):
+    from deepseek_vl2.quantization.selection import quantize_in_place
+
+    model = DeepseekVLV2ForCausalLM.from_pretrained(checkpoint_dir("tiny"), dtype=torch.float32)
+    quantize_in_place(model, SETTINGS["int4"])
+    state, expected = model.state_dict(), quantized("tiny", "int4").state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[name], expected[name]) for name in expected)

@@ -9,6 +9,7 @@ per step, like the cache) rather than running it as a linear layer.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..models.language import DeepseekV2Experts
@@ -56,14 +57,39 @@ def check_shapes(targets: list[tuple[str, nn.Module]], config: DeepseekVL2Quanti
                 raise ValueError(f"cannot quantize {name}.{tensor_name} {shape} to int4: {problem}")
 
 
+def _quantized_form(module: nn.Module, config: DeepseekVL2QuantizationConfig) -> QuantizedExperts | QuantizedLinear:
+    """An empty quantized module shaped like ``module``, on its device."""
+    if isinstance(module, DeepseekV2Experts):
+        return QuantizedExperts(module.config, config.bits, config.group_size, like=module)
+    return QuantizedLinear(module, config.bits, config.group_size)
+
+
+def _swap(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, replacement)
+
+
 def quantize_modules(model: nn.Module, config: DeepseekVL2QuantizationConfig) -> None:
-    """Swap each target module of ``model`` (on any device, meta included) for its quantized form, in place."""
+    """Swap each target module of ``model`` (on the meta device, before loading) for an empty quantized form."""
     targets = quantization_targets(model, config)
     check_shapes(targets, config)
     for name, module in targets:
-        if isinstance(module, DeepseekV2Experts):
-            replacement = QuantizedExperts(module.config, config.bits, config.group_size, like=module)
-        else:
-            replacement = QuantizedLinear(module, config.bits, config.group_size)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, replacement)
+        _swap(model, name, _quantized_form(module, config))
+
+
+@torch.no_grad()
+def quantize_in_place(model: nn.Module, config: DeepseekVL2QuantizationConfig) -> None:
+    """Quantize a model already in memory, module by module (benchmarks build random-weight models so).
+
+    Loading a checkpoint with ``quantization=`` is the way that never holds the float model.
+    """
+    targets = quantization_targets(model, config)
+    check_shapes(targets, config)
+    for name, module in targets:
+        replacement = _quantized_form(module, config)
+        for tensor_name in replacement.quantized_names:
+            for stored_name, tensor in replacement.quantize_tensor(tensor_name, getattr(module, tensor_name)).items():
+                getattr(replacement, stored_name).copy_(tensor)
+        _swap(model, name, replacement)
+    model.config.quantization_config = config
+    model.is_quantized = True
