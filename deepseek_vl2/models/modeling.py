@@ -28,6 +28,8 @@ from .tiling import num_tiles
 from .vision import VisionTransformer
 
 IMAGE_INPUTS = ("images", "images_seq_mask", "images_spatial_crop")
+# from_pretrained's arguments that say which config.json to read (checked for quantization before loading)
+HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 # Processor outputs that are not model inputs: generate(**inputs) leaves them out.
 PROCESSOR_ONLY = ("sft_format", "labels", "num_image_tokens", "seq_lens")
 
@@ -53,9 +55,8 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
         check_checkpoint_location(pretrained_model_name_or_path, CONFIG_NAME, kwargs.get("subfolder") or "")
         requested = requested_config(quantization, kwargs.pop("quantization_config", None))
         if requested is not None:
-            config_dict, _ = cls.config_class.get_config_dict(
-                pretrained_model_name_or_path, subfolder=kwargs.get("subfolder") or ""
-            )
+            hub = {name: kwargs[name] for name in HUB_KWARGS if kwargs.get(name) is not None}
+            config_dict, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub)
             stored = stored_config(config_dict)
             check_against_stored(requested, stored)
             if stored is None:

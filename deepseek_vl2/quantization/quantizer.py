@@ -2,9 +2,9 @@
 
 ``from_pretrained`` builds the model on the meta device; ``_process_model_before_weight_loading`` swaps
 the target modules for quantized ones (so their shapes are checked before any weight is read), and
-transformers' loader then reads one tensor group at a time (one weight, or one layer's experts once
-their converter has stacked them), in the model dtype, and hands it to :class:`QuantizeOnLoad` before
-it is stored: the float model is never whole in memory.
+transformers' loader then reads one tensor group at a time, in the model dtype: a weight goes through
+:class:`QuantizeOnLoad`, a layer's per-expert tensors through :class:`QuantizeExperts` (in place of
+the float load's stacking converter), before they are stored. The float model is never whole in memory.
 """
 
 from __future__ import annotations
