@@ -3,7 +3,8 @@
 The same model (``bench.build_model``) is timed in bf16, then quantized in place to int8 and int4: a text
 prompt is prefilled, then one-token steps are timed, the three dtypes taking turns so that other load on
 the machine hits them alike. Fewer decoder layers (``--layers``) keep it short; the LM head and
-embeddings are the variant's.
+embeddings are the variant's. Also prints each one's error against bf16 on the prompt's logits (random
+weights: not the error on the real ones).
 
     python benchmarks/quantized_decode.py --layers 4 --threads 2
 """
@@ -44,6 +45,15 @@ def step_times(language, prompt: torch.Tensor, steps: int, batch: int) -> list[f
     return times
 
 
+@torch.no_grad()
+def logit_error(reference, model, prompt: torch.Tensor) -> tuple[float, float]:
+    """(relative RMS of the prompt's logits against ``reference``'s, share of positions with the same top token)."""
+    expected = reference.language(input_ids=prompt, use_cache=False).logits.float()
+    got = model.language(input_ids=prompt, use_cache=False).logits.float()
+    relative_rms = ((got - expected).pow(2).mean() / expected.pow(2).mean()).sqrt().item()
+    return relative_rms, (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="tiny")
@@ -70,9 +80,11 @@ def main(argv=None) -> None:
         f"{cpu_name()}, {args.threads} threads, {args.variant} dims, {args.layers} decoder layers, batch {args.batch}"
     )
     for name, model in models.items():
+        error, same_top = logit_error(models["bf16"], model, prompt)
         print(
             f"{name:5s} decoder weights {weight_bytes(model) / 2**30:5.2f} GiB   step {best[name] * 1e3:6.1f} ms   "
-            f"{args.batch / best[name]:6.1f} tok/s   x{best['bf16'] / best[name]:.2f} bf16"
+            f"{args.batch / best[name]:6.1f} tok/s   x{best['bf16'] / best[name]:.2f} bf16   "
+            f"logits' relative RMS error {error:.4f}, same top token {same_top:.0%}"
         )
 
 
