@@ -10,7 +10,10 @@ FLOP/s against a large matmul.
     python benchmarks/bench.py                                  # tiny, bf16, CPU, all workloads
     python benchmarks/bench.py --variant small --layers 4       # fewer decoder layers, for small RAM
     python benchmarks/bench.py --workloads one_image --batch_sizes 1 --chunk_size 512
+    python benchmarks/bench.py --workloads chat_one_image chat_three_images   # three turns, reuse on and off
 
+The ``chat_`` workloads are three-turn chats through ``DeepseekVL2Chat`` about the same images: the
+TTFT of each turn with reuse across turns and without, and the memory the kept state takes.
 Results go to stdout as a table and to ``--output`` as JSON.
 """
 
@@ -34,6 +37,7 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from deepseek_vl2.chat import DeepseekVL2Chat
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from deepseek_vl2.models.language import DeepseekV2MoE
 from deepseek_vl2.models.tiling import num_tiles
@@ -43,6 +47,8 @@ from deepseek_vl2.testing.tokenizer import build_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 WORKLOADS = ("one_image", "three_images", "text")
+CHAT_WORKLOADS = {"chat_one_image": "one_image", "chat_three_images": "three_images"}  # -> the images they show
+CHAT_QUESTIONS = ("Describe the image in detail.", "What colours stand out?", "What is in the top left corner?")
 GIB = 2**30
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
 
@@ -338,20 +344,27 @@ def chat(text: str, images: int = 0) -> list[dict]:
     return [{"role": "<|User|>", "content": "<image>\n" * images + text}, {"role": "<|Assistant|>", "content": ""}]
 
 
+def workload_images(name: str, row: int) -> list[Image.Image]:
+    """The pictures of one row of an image workload."""
+    if name == "one_image":
+        return [picture(1024, 768, seed=row)]
+    return [
+        picture(1024, 768, seed=10 * row),
+        picture(768, 1024, seed=10 * row + 1),
+        picture(640, 480, seed=10 * row + 2),
+    ]
+
+
 def workload(processor: DeepseekVLV2Processor, name: str, batch: int, text_tokens: int):
     """``batch`` different conversations of the kind ``name`` (rows differ, as in real batched serving)."""
     rows = []
     for row in range(batch):
         if name == "one_image":
-            images = [picture(1024, 768, seed=row)]
+            images = workload_images(name, row)
             text = ["Describe this image in detail.", "What is in the picture?", "Read the text in the image.",
                     "Count the objects in the image."][row % 4]  # fmt: skip
         elif name == "three_images":
-            images = [
-                picture(1024, 768, seed=10 * row),
-                picture(768, 1024, seed=10 * row + 1),
-                picture(640, 480, seed=10 * row + 2),
-            ]
+            images = workload_images(name, row)
             text = "Compare these three images."
         elif name == "text":
             images, text = [], long_text(processor, text_tokens + 3 * row, offset=7 * row)
@@ -519,6 +532,27 @@ def run(model, processor, inputs, args, device, chunk_size: int | None):
     }, probe.embeds
 
 
+def chat_turns(model, processor, name: str, new_tokens: int) -> list[dict]:
+    """TTFT of each turn of a three-turn chat about the images of ``name``, without reuse and with it."""
+    images, rows = workload_images(CHAT_WORKLOADS[name], 0), []
+    for reuse in (False, True):
+        chat_api, result = DeepseekVL2Chat(model, processor, reuse=reuse), None
+        for turn, question in enumerate(CHAT_QUESTIONS, start=1):
+            result = chat_api.chat(
+                question,
+                images=images if result is None else (),
+                history=None if result is None else result.history,
+                greedy=True,
+                max_new_tokens=new_tokens,
+            )
+            rows.append({
+                "workload": name, "reuse": reuse, "turn": turn, "prompt_tokens": result.prompt_tokens,
+                "reused_tokens": result.reused_tokens, "ttft_s": result.timings["prefill_s"],
+                "kept_gb": chat_api.reuse.nbytes / GIB if reuse else 0.0,
+            })  # fmt: skip
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -544,11 +578,22 @@ COLUMNS = [
 ]
 
 
-def table(rows: list[dict]) -> str:
-    cells = [[header for _, _, header in COLUMNS]]
+CHAT_COLUMNS = [
+    ("workload", "{}", "workload"),
+    ("reuse", "{}", "reuse"),
+    ("turn", "{}", "turn"),
+    ("prompt_tokens", "{}", "tokens"),
+    ("reused_tokens", "{}", "reused"),
+    ("ttft_s", "{:.2f}", "TTFT s"),
+    ("kept_gb", "{:.3f}", "kept GB"),
+]
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
+    cells = [[header for _, _, header in columns]]
     for row in rows:
-        cells.append(["-" if row.get(key) is None else fmt.format(row[key]) for key, fmt, _ in COLUMNS])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+        cells.append(["-" if row.get(key) is None else fmt.format(row[key]) for key, fmt, _ in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
@@ -568,7 +613,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add_model_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    workloads = [*WORKLOADS, *CHAT_WORKLOADS]
+    parser.add_argument("--workloads", nargs="+", choices=workloads, default=workloads)
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument(
         "--chunk_size", type=int, default=None, help="also run incremental prefilling in chunks of this size"
@@ -627,8 +673,12 @@ def main(argv=None) -> dict:
     small = processor(conversations=chat("Hello.", 1), images=[picture(384, 384, seed=0)], force_batchify=True)
     run(model, processor, small, argparse.Namespace(**{**vars(args), "new_tokens": 2}), device, None)
 
-    rows, memory_passes = [], []
+    rows, memory_passes, chat_rows = [], [], []
     for name in args.workloads:
+        if name in CHAT_WORKLOADS:
+            chat_rows += chat_turns(model, processor, name, args.new_tokens)
+            print(table(chat_rows[-2 * len(CHAT_QUESTIONS) :], CHAT_COLUMNS), flush=True)
+            continue
         for batch in args.batch_sizes:
             inputs = workload(processor, name, batch, args.text_tokens)
             for chunk in [None] + ([args.chunk_size] if args.chunk_size else []):
@@ -657,9 +707,12 @@ def main(argv=None) -> dict:
         },
         "results": rows,
         "prefill_memory": prefill_memory_rows,
+        "chat_turns": chat_rows,
     }
     print()
     print(table(rows))
+    if chat_rows:
+        print(table(chat_rows, CHAT_COLUMNS))
     for row in prefill_memory_rows:
         print(f"decoder prefill tensor peak, {row['workload']} x{row['batch']}: whole {row['whole_gb'] * 1024:.0f} MB, "
               f"chunks of {row['chunk_size']} {row['chunked_gb'] * 1024:.0f} MB ({-row['reduction']:+.0%})")  # fmt: skip

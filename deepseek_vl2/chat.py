@@ -1,7 +1,8 @@
 """A small notebook-level API over the processor and the model: load, ask, read the answer.
 
-It is built only on the public low-level API (processor -> prepare_inputs_embeds /
-incremental_prefilling -> generate), so what it does, a user can do by hand.
+It is built only on the public low-level API (processor -> prepare_inputs_embeds, or encode_images
+and place_image_runs with ``models.reuse``'s kept state / incremental_prefilling -> generate), so what
+it does, a user can do by hand.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +28,11 @@ from .grounding import GROUNDED_IMAGE, GroundingResult, clean_answer, overlays, 
 from .models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from .models.conversation import ASSISTANT, SYSTEM, USER, is_system_role, place_images
 from .models.kernels import choose_weight_only
+from .models.reuse import PromptKey, ReuseCache, model_context, prompt_image_runs
+from .planner import default_reuse_budget
 from .quantization import DeepseekVL2QuantizationConfig
 from .utils.checkpoint import check_checkpoint_location
-from .utils.checks import check_chunk_size, check_max_new_tokens, pick_dtype, pick_placement
+from .utils.checks import check_chunk_size, check_max_new_tokens, check_reuse, pick_dtype, pick_placement
 from .utils.io import checked_messages, load_image
 
 
@@ -92,6 +95,7 @@ class ChatResult:
     timings: dict = field(default_factory=dict)  # seconds: prefill (to first token), decode; tokens_per_s
     # "stop": the model ended the answer (end of sentence, or a `stop` string); "length": max_new_tokens ran out
     finish_reason: str = "stop"
+    reused_tokens: int = 0  # prompt tokens whose KV cache an earlier turn left (reuse), not prefilled again
 
     def grounding_json(self) -> dict:
         """``boxes`` (0-999 grid, and pixels of the image they are on) and ``grounding_problems``, for JSON."""
@@ -169,11 +173,22 @@ class DeepseekVL2Chat:
         model: DeepseekVLV2ForCausalLM,
         processor: DeepseekVLV2Processor,
         chunk_size: int | None = None,
+        reuse: bool = True,
+        reuse_budget: int | None = None,
     ):
-        """``chunk_size``: prefill in chunks of that many tokens; None prefills in one pass."""
+        """``chunk_size``: prefill in chunks of that many tokens; None prefills in one pass.
+
+        ``reuse``: keep each turn's prompt KV cache and image features, so that a follow-up turn
+        (``history=result.history``) prefills only what is new; ``reuse_budget`` bounds the bytes kept
+        (default: ``planner.default_reuse_budget``; 0 turns reuse off). ``clear_reuse()`` frees them.
+        """
         self.model = model.eval()
         self.processor = processor
         self.chunk_size = None if chunk_size is None else check_chunk_size(chunk_size)
+        budget = check_reuse(reuse, reuse_budget)
+        if reuse and budget is None:
+            budget = default_reuse_budget(model.config.language_config, model.dtype)
+        self.reuse = ReuseCache(budget) if reuse and budget else None
         self._lock = threading.Lock()
 
     @classmethod
@@ -186,14 +201,17 @@ class DeepseekVL2Chat:
         device_map: str | dict | None = None,
         max_memory: dict[int | str, int | str] | None = None,
         offload_folder: str | os.PathLike | None = None,
+        reuse: bool = True,
+        reuse_budget: int | None = None,
         quantization: str | DeepseekVL2QuantizationConfig | None = None,
     ) -> DeepseekVL2Chat:
         """Load a checkpoint (hub id or folder) onto ``device``, or where ``device_map`` puts it.
 
         ``device_map`` ("auto", with ``max_memory`` such as ``{0: "20GiB", "cpu": "48GiB"}`` and an
         ``offload_folder``) is transformers' own, as ``deepseek-vl2 plan`` advises; the model then
-        stays where it is placed and inputs go to ``model.device``. ``quantization`` ("int8", "int4" or a
-        ``DeepseekVL2QuantizationConfig``) quantizes the decoder's weights while loading.
+        stays where it is placed and inputs go to ``model.device``. ``reuse`` and ``reuse_budget`` are
+        the constructor's. ``quantization`` ("int8", "int4" or a ``DeepseekVL2QuantizationConfig``)
+        quantizes the decoder's weights while loading.
         """
         dtype = pick_dtype(dtype)
         device = pick_placement(device, device_map, max_memory, offload_folder)
@@ -203,6 +221,7 @@ class DeepseekVL2Chat:
             choose_weight_only(torch.device(device or "cpu"), quantization.bits)  # a device without a kernel: now
         if chunk_size is not None:  # checked again by __init__, but before the minutes of loading
             check_chunk_size(chunk_size)
+        check_reuse(reuse, reuse_budget)
         check_checkpoint_location(model_path, CONFIG_NAME)
         config = DeepseekVLV2Config.from_pretrained(model_path)  # another model of the same type fails here
         processor = DeepseekVLV2Processor.from_pretrained(model_path)
@@ -215,11 +234,24 @@ class DeepseekVL2Chat:
             offload_folder=offload_folder,
             quantization_config=quantization,
         )
-        return cls(model if device is None else model.to(device), processor, chunk_size)
+        return cls(model if device is None else model.to(device), processor, chunk_size, reuse, reuse_budget)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def clear_reuse(self, owner: Hashable | None = None) -> None:
+        """Free what reuse keeps: all of it, or only the prompt caches of one ``owner``'s conversation.
+
+        Never needed for correct answers (a kept cache is used only for a prompt that starts exactly the
+        same way); it frees the memory when a conversation is over.
+        """
+        if self.reuse is None:
+            return
+        if owner is None:
+            self.reuse.clear()
+        else:
+            self.reuse.drop(owner)
 
     def build_conversation(
         self,
@@ -252,12 +284,14 @@ class DeepseekVL2Chat:
         history: Sequence[dict] | None = None,
         system: str | None = None,
         settings: GenerationSettings | None = None,
+        reuse_owner: Hashable | None = None,
         **setting_overrides,
     ) -> Iterator[str | ChatResult]:
         """Yields text pieces as they are generated (together, ``result.answer``), then the ChatResult.
 
         Closing the generator early (``break``, Ctrl-C, a web client going away) stops generation at
-        the next token and leaves the model ready for the next call.
+        the next token and leaves the model ready for the next call. ``reuse_owner`` tags the prompt
+        cache this turn keeps, for ``clear_reuse(reuse_owner)`` (the web demo passes its browser session).
         """
         if settings is not None and not isinstance(settings, GenerationSettings):
             raise TypeError(f"settings must be a GenerationSettings, got {type(settings).__name__}")
@@ -275,7 +309,7 @@ class DeepseekVL2Chat:
                 with self._lock, torch.inference_mode():
                     if settings.seed is not None:
                         torch.manual_seed(settings.seed)
-                    outcome["sequences"] = self._generate(inputs, settings, streamer, stop)
+                    outcome["sequences"] = self._generate(inputs, settings, streamer, stop, reuse_owner, outcome)
             except BaseException as error:  # handed to the consumer, who re-raises it
                 streamer.fail(error)
             else:
@@ -314,6 +348,7 @@ class DeepseekVL2Chat:
                 "tokens_per_s": (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else 0.0,
             },
             finish_reason="stop" if ended or new_tokens < settings.max_new_tokens else "length",
+            reused_tokens=outcome.get("reused_tokens", 0),
         )
 
     def chat(self, *args, **kwargs) -> ChatResult:
@@ -334,7 +369,7 @@ class DeepseekVL2Chat:
                 "tokens; use fewer or smaller images, a shorter history, or a lower max_new_tokens"
             )
 
-    def _generate(self, inputs, settings, streamer: BaseStreamer, stop: threading.Event) -> torch.Tensor:
+    def _generate(self, inputs, settings, streamer, stop, owner, outcome: dict) -> torch.Tensor:
         tokenizer = self.processor.tokenizer
         common = {
             "input_ids": inputs.input_ids,
@@ -347,6 +382,8 @@ class DeepseekVL2Chat:
             "stopping_criteria": StoppingCriteriaList([_StopWhenSet(stop)]),
             **settings.generate_kwargs(),
         }
+        if self.reuse is not None:
+            return self._generate_reusing(inputs, common, owner, outcome)
         if self.chunk_size is None:
             return self.model.generate(
                 images=inputs.images,
@@ -363,6 +400,28 @@ class DeepseekVL2Chat:
             chunk_size=self.chunk_size,
         )
         return self.model.generate(inputs_embeds=embeds, cache=cache, **common)
+
+    def _generate_reusing(self, inputs, common: dict, owner: Hashable | None, outcome: dict) -> torch.Tensor:
+        """Continue the kept cache that shares the prompt's longest prefix, then keep this prompt's cache.
+
+        The prompt's suffix is prefilled in chunks starting where the kept prefix ends: the result is a
+        chunked prefill split there. Kept image runs are placed without running the vision tower.
+        """
+        context = model_context(self.model)
+        spans, runs = prompt_image_runs(self.model, self.reuse, inputs, context)
+        length = inputs.input_ids.shape[1]
+        key = PromptKey(tuple(inputs.input_ids[0].tolist()), spans, (context, self.chunk_size))
+        cache, outcome["reused_tokens"] = self.reuse.take_prefix(key, limit=length - 1)
+        embeds = self.model.place_image_runs(inputs.input_ids, inputs.images_seq_mask, [runs])
+        embeds, cache = self.model.incremental_prefilling(
+            inputs_embeds=embeds,
+            attention_mask=inputs.attention_mask,
+            chunk_size=self.chunk_size or length,
+            cache=cache,
+        )
+        sequences = self.model.generate(inputs_embeds=embeds, cache=cache, **common)
+        self.reuse.keep_prefix(key, cache, owner)
+        return sequences
 
 
 def _copy_history(history: Sequence[dict] | None) -> list[dict]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 
 from .quantization.config import SHORT_FORMS
-from .utils.checks import check_chunk_size, pick_dtype, pick_placement
-from .utils.sizes import MAX_MEMORY_EXAMPLE, format_max_memory, parse_max_memory
+from .utils.checks import check_chunk_size, check_reuse, pick_dtype, pick_placement
+from .utils.sizes import MAX_MEMORY_EXAMPLE, format_max_memory, parse_bytes, parse_max_memory
 
 ONE_PASS = -1  # --chunk_size for one full prefill (None in Python)
 # from_pretrained's keyword arguments, each set by the flag of the same name
@@ -79,3 +79,26 @@ def loading_flags(**options) -> list[str]:
         if value is not None:
             flags += [f"--{name}", format_max_memory(value) if name == "max_memory" else str(value)]
     return flags
+
+
+def add_reuse_options(parser: argparse.ArgumentParser) -> None:
+    """``--no-reuse`` and ``--reuse_budget``: what a multi-turn chat keeps between turns (``DeepseekVL2Chat``'s
+    ``reuse`` and ``reuse_budget``)."""
+    group = parser.add_argument_group("reuse across turns")
+    group.add_argument(
+        "--no-reuse", dest="reuse", action="store_false",
+        help="prefill every turn's whole conversation and encode its images again (no kept caches)",
+    )  # fmt: skip
+    group.add_argument(
+        "--reuse_budget", metavar="SIZE",
+        help="memory for the prompt caches and image features kept between turns, e.g. 2GiB "
+        "(default: the reuse line of deepseek-vl2 plan; 0: no reuse)",
+    )  # fmt: skip
+
+
+def reuse_options(args: argparse.Namespace) -> dict:
+    """``from_pretrained``'s ``reuse`` and ``reuse_budget`` for the parsed flags, checked."""
+    budget = args.reuse_budget
+    if budget is not None:
+        budget = 0 if budget.strip() == "0" else parse_bytes(budget)
+    return {"reuse": args.reuse, "reuse_budget": check_reuse(args.reuse, budget, "--reuse_budget")}

@@ -128,6 +128,15 @@ def kv_cache_bytes_per_token(config: DeepseekV2Config, dtype: torch.dtype) -> in
     return config.num_hidden_layers * per_layer * dtype.itemsize
 
 
+# Whole contexts of KV cache that reuse across turns keeps by default (prompt caches and image features).
+REUSE_CONTEXTS = 4
+
+
+def default_reuse_budget(config: DeepseekV2Config, dtype: torch.dtype) -> int:
+    """Bytes a chat keeps for reuse across turns unless told otherwise: ``REUSE_CONTEXTS`` full contexts' KV."""
+    return REUSE_CONTEXTS * config.max_position_embeddings * kv_cache_bytes_per_token(config, dtype)
+
+
 # ---------------------------------------------------------------------------------------------- activations
 #
 # Each function below follows the code op by op and adds up the tensors alive together at the block's
@@ -315,6 +324,7 @@ class MemoryPlan:
     context_tokens: int
     kv_bytes_per_token: int
     kv_cache: int  # for the whole context
+    reuse_budget: int  # kept across turns by a chat (default_reuse_budget), besides the peaks below
     vision_peak: int
     prefill_peak: int  # one pass over the prompt
     chunked_prefill_peaks: dict[int, int]  # per chunk size
@@ -420,6 +430,7 @@ def plan_memory(
         context_tokens=context_tokens,
         kv_bytes_per_token=kv_per_token,
         kv_cache=kv_per_token * context_tokens,
+        reuse_budget=default_reuse_budget(language, dtype),
         vision_peak=images_peak,
         prefill_peak=full,
         chunked_prefill_peaks=chunked,
@@ -532,6 +543,7 @@ def _report(plan: MemoryPlan) -> str:
         f"  prompt          {prompt}",
         f"  context         {plan.context_tokens} tokens with the answer",
         f"  KV cache        {_size(plan.kv_bytes_per_token)} per token, {_size(plan.kv_cache)} for the context",
+        f"  reuse           {_size(plan.reuse_budget)} kept between turns, besides the peaks (KV of {REUSE_CONTEXTS} full contexts)",
         "  peaks above the weights (with the prompt's embeddings and KV cache):",
         f"    prefill, one pass       {_size(plan.prefill_peak)}",
     ]

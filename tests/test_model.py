@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -86,6 +87,22 @@ def test_built_checkpoint_loads_cleanly_and_round_trips(variant, checkpoint_dir,
     with torch.no_grad():
         after = reloaded(input_ids=ids).logits
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_loaded_weights_are_owned_not_views_of_the_checkpoint_files(checkpoint_dir):
+    path = checkpoint_dir("small")
+    model = DeepseekVLV2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    views = [name for name, p in model.named_parameters() if not p.untyped_storage().resizable()]
+    assert views == [], f"parameters still viewing the memory-mapped files: {views[:5]}"
+    if sys.platform == "linux":
+        with open("/proc/self/maps") as maps:
+            mapped = [line.split()[-1] for line in maps if str(path) in line]
+        assert mapped == [], f"checkpoint files still mapped after loading: {mapped}"
+    files = {}
+    for file in path.glob("*.safetensors"):
+        files.update(safetensors.torch.load_file(file))
+    embeddings = model.language.model.embed_tokens.weight
+    assert torch.equal(embeddings, files["language.model.embed_tokens.weight"]), "copied exactly"
 
 
 def test_auto_classes_and_trust_remote_code(checkpoint_dir):

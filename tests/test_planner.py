@@ -23,6 +23,7 @@ from deepseek_vl2.models import DeepseekVLV2Config
 from deepseek_vl2.planner import (
     decode_cache_positions,
     decoder_prefill_peak,
+    default_reuse_budget,
     image_tiles_and_tokens,
     kv_cache_bytes_per_token,
     load_config,
@@ -248,6 +249,13 @@ def test_published_sizes(published_config_file, variant, parameters, kv_per_toke
     assert plan.parameters == pytest.approx(parameters, rel=2e-3)
     assert plan.weight_total == 2 * plan.parameters
     assert plan.kv_bytes_per_token == kv_per_token
+
+
+def test_the_report_shows_the_reuse_budget(published_config_file):
+    plan = plan_memory(published_config_file("small"), "80GiB")
+    language = DeepseekVLV2Config(**published_config("small")).language_config
+    assert plan.reuse_budget == default_reuse_budget(language, torch.bfloat16) > plan.kv_cache
+    assert [line for line in plan.report().splitlines() if line.strip().startswith("reuse")]
 
 
 @pytest.mark.parametrize(

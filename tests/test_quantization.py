@@ -295,6 +295,8 @@ def test_bad_loading_arguments_fail_before_loading(checkpoint_dir, quantized, tm
         )
     with pytest.raises(ValueError, match="kv_a_proj_with_mqa.weight .* not a multiple of 16"):  # 40 output channels
         DeepseekVLV2ForCausalLM.from_pretrained(checkpoint_dir("small"), quantization_config=SETTINGS["int4"])
+    with pytest.raises(ValueError, match="do not support device_map placement 'auto'"):
+        DeepseekVLV2ForCausalLM.from_pretrained(path, quantization="int8", device_map="auto")
     with pytest.raises(ValueError, match="not both"):
         DeepseekVLV2ForCausalLM.from_pretrained(path, quantization="int8", quantization_config=SETTINGS["int8"])
     quantized("tiny", "int8").save_pretrained(tmp_path)

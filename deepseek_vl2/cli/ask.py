@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     _check_placeholders(prompt, len(images))
 
     started = time.perf_counter()
-    chat = DeepseekVL2Chat.from_pretrained(model_path, **loading)
+    chat = DeepseekVL2Chat.from_pretrained(model_path, **loading, reuse=False)  # one prompt: nothing to reuse
     load_s = time.perf_counter() - started
 
     stream = args.stream if args.stream is not None else (sys.stdout.isatty() and not args.json)

@@ -1,7 +1,8 @@
 """The decoder's KV cache: layers that append in place into buffers with spare room, and the rule they grow by.
 
 :func:`cache_capacity` is the growth rule; the layers size their buffers with it and the memory planner
-predicts the cache's size with it.
+predicts the cache's size with it. A cache can be cut back to a prefix of its positions, in place or as a
+copy, so that a later prompt that starts the same way continues it (``deepseek_vl2.models.reuse``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,25 @@ class BufferedLayer(DynamicLayer):
         super().reset()
         self.length = 0
 
+    def copy_prefix(self, length: int) -> BufferedLayer:
+        """A layer holding a copy of the first ``length`` positions, on this layer's device."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"can copy 0 to {self.length} positions, not {length}")
+        copy = BufferedLayer()
+        if self.is_initialized:
+            copy.lazy_initialization(self.keys, self.values)
+            copy.keys = self.keys[..., :length, :].clone()
+            copy.values = self.values[..., :length, :].clone()
+            copy.length = length
+        return copy
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold, their spare room included."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
 
 class DeepseekV2Cache(DynamicCache):
     """The decoder's default cache: a ``DynamicCache`` made of :class:`BufferedLayer` layers."""
@@ -104,6 +124,28 @@ class DeepseekV2Cache(DynamicCache):
         self.layers = [BufferedLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
         if self.layer_class_to_replicate is DynamicLayer:
             self.layer_class_to_replicate = BufferedLayer
+
+    def _buffered_layers(self) -> list[BufferedLayer]:
+        if not all(isinstance(layer, BufferedLayer) for layer in self.layers):
+            raise TypeError("only a cache of BufferedLayer layers can be cut to a prefix")
+        return self.layers
+
+    def keep_prefix(self, length: int) -> None:
+        """Forget every position from ``length`` on, in place (the buffers keep their size)."""
+        if not 0 <= length <= self.get_seq_length():
+            raise ValueError(f"can keep 0 to {self.get_seq_length()} positions, not {length}")
+        for layer in self._buffered_layers():
+            layer.crop(length - layer.length)
+
+    def copy_prefix(self, length: int) -> DeepseekV2Cache:
+        """A new cache holding a copy of the first ``length`` positions; each layer stays on its device."""
+        copy = DeepseekV2Cache()
+        copy.layers = [layer.copy_prefix(length) for layer in self._buffered_layers()]
+        return copy
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self._buffered_layers())
 
 
 class DeepseekV2GenerationMixin(GenerationMixin):

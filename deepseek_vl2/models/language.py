@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ..utils.checkpoint import PageReleaser
 from .cache import BufferedLayer, DeepseekV2Cache, DeepseekV2GenerationMixin  # BufferedLayer: re-exported
 from .configuration import DeepseekV2Config
 from .kernels import Kernel, Op, attend_one_query, choose, matmuls_on, sdpa
@@ -33,18 +34,33 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
+class StackExperts(MergeModulelist):
+    """Stacks a layer's per-expert tensors, releasing the checkpoint pages read as loading goes.
+
+    Without the release, every per-expert tensor read from the mapped file stays resident until loading
+    ends, beside its stacked copy: the load's peak would be the experts' size above the weights'.
+    """
+
+    releaser = PageReleaser()  # one for the process: loading reads layer after layer
+
+    def convert(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        stacked = super().convert(*args, **kwargs)
+        self.releaser.read(sum(tensor.numel() * tensor.element_size() for tensor in stacked.values()))
+        return stacked
+
+
 def expert_weight_conversions() -> list[WeightConverter]:
     """Checkpoint-to-model converters: per-expert ``gate/up/down_proj.weight`` tensors -> stacked expert tensors."""
     return [
         WeightConverter(
             source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
             target_patterns="mlp.experts.gate_up_proj",
-            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+            operations=[StackExperts(dim=0), Concatenate(dim=1)],
         ),
         WeightConverter(
             source_patterns="mlp.experts.*.down_proj.weight",
             target_patterns="mlp.experts.down_proj",
-            operations=[MergeModulelist(dim=0)],
+            operations=[StackExperts(dim=0)],
         ),
     ]
 

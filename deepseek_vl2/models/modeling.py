@@ -18,7 +18,7 @@ from transformers.utils import CONFIG_NAME
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ..quantization.loading import check_against_stored, requested_config, stored_config
-from ..utils.checkpoint import check_checkpoint_location
+from ..utils.checkpoint import check_checkpoint_location, own_mapped_weights
 from ..utils.checks import check_chunk_size
 from .cache import DeepseekV2Cache, DeepseekV2GenerationMixin
 from .configuration import DeepseekVLV2Config
@@ -47,7 +47,8 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, quantization: str | None = None, **kwargs):
-        """transformers' loader, with errors that name the problem: a missing folder, wrong-shaped tensors.
+        """transformers' loader, with errors that name the problem (a missing folder, wrong-shaped tensors),
+        and weights in the process's own memory rather than views of the checkpoint files.
 
         ``quantization="int8"`` or ``"int4"`` (or ``quantization_config=DeepseekVL2QuantizationConfig(...)``)
         quantizes the weights while loading; a checkpoint saved quantized loads quantized by itself.
@@ -62,7 +63,9 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
             if stored is None:
                 kwargs["quantization_config"] = requested
         if kwargs.get("ignore_mismatched_sizes"):
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            own_mapped_weights(model[0] if isinstance(model, tuple) else model)
+            return model
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
@@ -73,6 +76,7 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
                 for name, found, expected in sorted(info["mismatched_keys"])
             )
             raise ValueError(f"checkpoint {pretrained_model_name_or_path} has tensors of the wrong shape: {wrong}")
+        own_mapped_weights(model)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -128,23 +132,19 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationM
 
     # ------------------------------------------------------------------ images -> embeddings
 
-    def _image_runs(self, tile_features: torch.Tensor, crops: list[tuple[int, int]]) -> torch.Tensor:
-        """Lay out projected tile features ([tiles, h*w, D]) as the token runs of the images in ``crops``."""
+    def _image_run(self, tile_features: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
+        """Lay out one image's projected tile features ([tiles, h*w, D]) as its run of token embeddings."""
+        width_tiles, height_tiles = crop
         _, hw, dim = tile_features.shape
         side = int(hw**0.5)
-        runs, start = [], 0
-        for width_tiles, height_tiles in crops:
-            global_view = self._with_newlines(tile_features[start].view(side, side, dim))
-            local = tile_features[start + 1 : start + 1 + width_tiles * height_tiles]
-            local = local.view(height_tiles, width_tiles, side, side, dim).permute(0, 2, 1, 3, 4)
-            local_view = self._with_newlines(local.reshape(height_tiles * side, width_tiles * side, dim))
-            separator = self.view_seperator[None].to(tile_features)
-            if self.config.global_view_pos == "head":
-                runs += [global_view, separator, local_view]
-            else:
-                runs += [local_view, separator, global_view]
-            start += num_tiles((width_tiles, height_tiles))
-        return torch.cat(runs)
+        global_view = self._with_newlines(tile_features[0].view(side, side, dim))
+        local = tile_features[1 : 1 + width_tiles * height_tiles]
+        local = local.view(height_tiles, width_tiles, side, side, dim).permute(0, 2, 1, 3, 4)
+        local_view = self._with_newlines(local.reshape(height_tiles * side, width_tiles * side, dim))
+        separator = self.view_seperator[None].to(tile_features)
+        if self.config.global_view_pos == "head":
+            return torch.cat([global_view, separator, local_view])
+        return torch.cat([local_view, separator, global_view])
 
     def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
         rows = grid.shape[0]
@@ -205,27 +205,44 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationM
         images_spatial_crop [b, max_images, 2] as (width_tiles, height_tiles), zeros for padding.
         """
         self._check_image_inputs(input_ids, images, images_seq_mask, images_spatial_crop)
-        embeddings = self.get_input_embeddings()(input_ids)
         if images is None or images_spatial_crop is None or images_seq_mask is None:
-            return embeddings
+            return self.get_input_embeddings()(input_ids)
+        return self.place_image_runs(input_ids, images_seq_mask, self.encode_images(images, images_spatial_crop))
+
+    def encode_images(self, images: torch.Tensor, images_spatial_crop: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per batch row, each image's run of embeddings ([tokens, D]), all tiles through the vision tower at once.
+
+        Apart from the prompt, so that a caller can keep an image's run and place it again in a later prompt.
+        """
         crops = self._image_crops(images_spatial_crop)
         tiles_per_row = [sum(map(num_tiles, row)) for row in crops]
         if sum(tiles_per_row) == 0:
-            return embeddings
+            return [[] for _ in crops]
         if any(n > images.shape[1] for n in tiles_per_row):
             raise ValueError(
                 f"images_spatial_crop asks for {max(tiles_per_row)} tiles in a row but images holds {images.shape[1]}"
             )
         tiles = torch.cat([images[row, :n] for row, n in enumerate(tiles_per_row)])
-        tiles = tiles.to(device=embeddings.device, dtype=self.vision.pos_embed.dtype)
+        tiles = tiles.to(device=self.vision.pos_embed.device, dtype=self.vision.pos_embed.dtype)
         tile_features = self.projector(self.vision(tiles))
-        runs = []
-        start = 0
-        for row, n in zip(crops, tiles_per_row):
-            if n:
-                runs.append(self._image_runs(tile_features[start : start + n], row))
-            start += n
-        features = torch.cat(runs).to(embeddings)
+        runs, start = [], 0
+        for row in crops:
+            row_runs = []
+            for crop in row:
+                row_runs.append(self._image_run(tile_features[start : start + num_tiles(crop)], crop))
+                start += num_tiles(crop)
+            runs.append(row_runs)
+        return runs
+
+    def place_image_runs(
+        self, input_ids: torch.LongTensor, images_seq_mask: torch.Tensor, runs: list[list[torch.Tensor]]
+    ) -> torch.Tensor:
+        """Token embeddings with the image-token positions of each row filled by that row's image runs, in order."""
+        embeddings = self.get_input_embeddings()(input_ids)
+        pieces = [run for row in runs for run in row]
+        if not pieces:
+            return embeddings
+        features = torch.cat(pieces).to(embeddings)
         mask = images_seq_mask.to(device=embeddings.device, dtype=torch.bool)
         if int(mask.sum()) != features.shape[0]:
             raise ValueError(
@@ -298,6 +315,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationM
         images_seq_mask: torch.Tensor | None = None,
         images_spatial_crop: torch.Tensor | None = None,
         chunk_size: int = 1024,
+        cache: DeepseekV2Cache | None = None,
         **unused,
     ) -> tuple[torch.Tensor, DeepseekV2Cache]:
         """Prefill all but the last prompt token in chunks of ``chunk_size`` tokens to bound peak memory.
@@ -305,7 +323,9 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationM
         Returns ``(inputs_embeds, cache)``; pass both (with ``input_ids`` and ``attention_mask``) to
         ``generate``, which runs the last token and continues. The cache stays on the model's device.
         Other processor outputs (``sft_format``, ``labels`` ...) are accepted and ignored, so
-        ``incremental_prefilling(**inputs, chunk_size=512)`` works.
+        ``incremental_prefilling(**inputs, chunk_size=512)`` works. A ``cache`` that already holds the
+        prompt's first positions (a kept prefix of an earlier prompt) is continued from where it ends:
+        the chunks then start there.
         """
         check_chunk_size(chunk_size)
         if inputs_embeds is None:
@@ -317,9 +337,15 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, DeepseekV2GenerationM
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
         attention_mask = attention_mask.to(inputs_embeds.device)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = DeepseekV2Cache(config=self.config.language_config)
+        if cache is None:
+            cache = DeepseekV2Cache(config=self.config.language_config)
+        cached = cache.get_seq_length()
+        if cached >= length:
+            raise ValueError(
+                f"the cache holds {cached} positions, the prompt only {length}: nothing is left to prefill"
+            )
         decoder = self.language.model
-        for start in range(0, length - 1, chunk_size):
+        for start in range(cached, length - 1, chunk_size):
             end = min(start + chunk_size, length - 1)
             decoder(
                 inputs_embeds=inputs_embeds[:, start:end],

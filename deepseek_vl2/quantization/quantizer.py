@@ -16,6 +16,7 @@ from transformers.quantizers.auto import register_quantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from ..models.kernels import choose_weight_only
+from ..models.language import StackExperts
 from .config import QUANT_METHOD, DeepseekVL2QuantizationConfig
 from .modules import SCALE_SUFFIX, QuantizedExperts, QuantizedWeights
 from .packing import empty_quantized, quantize
@@ -42,6 +43,7 @@ class QuantizeOnLoad(ConversionOps):
             prefix = key.removesuffix(tensor_name)
             for name, tensor in module.quantize_tensor(tensor_name, value).items():
                 stored[prefix + name] = tensor
+            StackExperts.releaser.read(value.numel() * value.element_size())  # the float pages are done with
         return stored
 
 
@@ -49,7 +51,8 @@ class QuantizeExperts(ConversionOps):
     """Stack a layer's per-expert checkpoint tensors into the quantized stacked tensor and its scale.
 
     Replaces the float load's merge (stack, then concatenate gate and up): each expert is quantized as it
-    is placed, so that no float copy of the whole layer's experts is made beside the tensors read.
+    is placed, so that no float copy of the whole layer's experts is made beside the tensors read, and
+    the checkpoint pages read are released as ``StackExperts`` does.
     """
 
     def __init__(self, hf_quantizer: DeepseekVL2Quantizer):
@@ -67,6 +70,7 @@ class QuantizeExperts(ConversionOps):
             for part in parts:
                 part[expert] = None  # free each expert's float tensors once placed
             quantized[expert], scale[expert] = quantize(matrix, config.bits, config.group_size)
+            StackExperts.releaser.read(matrix.numel() * matrix.element_size())
         return {target_patterns[0]: quantized, target_patterns[0] + SCALE_SUFFIX: scale}
 
 

@@ -1,10 +1,14 @@
-"""Early, plain-language checks on where a checkpoint is said to be."""
+"""Early, plain-language checks on where a checkpoint is said to be, and what loading one leaves behind."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import sys
 from pathlib import Path
+
+import torch
 
 # owner/name, each of letters, digits, "_", "-" and "."; a leading "." (./, ../), "/" or "~" is a local path
 HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
@@ -33,3 +37,71 @@ def check_checkpoint_location(name_or_path: str | os.PathLike, required_file: st
     if not (folder / subfolder / required_file).is_file():
         where = folder / subfolder if subfolder else text
         raise FileNotFoundError(f"{where} is not a DeepSeek-VL2 checkpoint folder: it has no {required_file}")
+
+
+
+_MADV_DONTNEED = 4
+
+
+class PageReleaser:
+    """Releases the checkpoint pages read so far (:func:`release_checkpoint_pages`) after every ``every`` bytes.
+
+    Each release costs a walk of the process's page tables, so it is done per chunk of reading, not per tensor.
+    """
+
+    def __init__(self, every: int = 512 << 20):
+        self.every, self.pending = every, 0
+
+    def read(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= self.every:
+            release_checkpoint_pages()
+            self.pending = 0
+
+
+def own_mapped_weights(model: torch.nn.Module) -> None:
+    """Copy the CPU parameters and buffers that still view the checkpoint's memory-mapped files.
+
+    transformers hands out zero-copy views of each safetensors file. While one view of a file lives, the
+    whole mapping does, and every page of it read while loading stays resident: resident memory ends up
+    well above the weights' size (containers count those pages against their limit). A view's storage is
+    not resizable; owned memory is. The pages read are released as the copying goes, so that it does not
+    add to the peak.
+    """
+    releaser = PageReleaser()
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for key, tensor in tensors.items():
+                if tensor is not None and tensor.device.type == "cpu" and not tensor.untyped_storage().resizable():
+                    tensors[key].data = tensor.data.clone()
+                    releaser.read(tensor.numel() * tensor.element_size())
+    release_checkpoint_pages()
+
+
+def release_checkpoint_pages() -> None:
+    """Let the kernel drop the resident pages of this process's mapped safetensors files (Linux only).
+
+    Only mappings without privately modified pages are released: the kernel reads a released page back
+    from the file when it is next used, so a clean page loses nothing, while a page that was read once
+    (a per-expert tensor already stacked into new memory) stops counting against the process.
+    """
+    if sys.platform != "linux":
+        return
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    for start, end in _clean_safetensors_mappings():
+        madvise(start, end - start, _MADV_DONTNEED)
+
+
+def _clean_safetensors_mappings() -> list[tuple[int, int]]:
+    """(start, end) of each mapping of a ``.safetensors`` file that holds no privately modified page."""
+    mappings = []  # [start, end, is a safetensors file, modified] of every mapping
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's header: range, perms, offset, device, inode[, path]
+                start, end = (int(bound, 16) for bound in fields[0].split("-"))
+                mappings.append([start, end, fields[-1].endswith(".safetensors"), False])
+            elif fields[0] in ("Private_Dirty:", "Anonymous:") and int(fields[1]):
+                mappings[-1][3] = True
+    return [(start, end) for start, end, checkpoint, modified in mappings if checkpoint and not modified]

@@ -65,3 +65,14 @@ def pick_placement(
     if device is not None:
         raise ValueError(f"give a device or a device_map, not both (device_map {device_map!r} places the model)")
     return None
+
+
+def check_reuse(reuse: bool, reuse_budget: int | None, name: str = "reuse_budget") -> int | None:
+    """Whether to reuse across turns and the bytes it may keep (None: the default; 0: reuse off)."""
+    if not isinstance(reuse, bool):
+        raise TypeError(f"reuse must be True or False, got {reuse!r}")
+    if reuse_budget is None:
+        return None
+    if isinstance(reuse_budget, bool) or not isinstance(reuse_budget, int) or reuse_budget < 0:
+        raise ValueError(f"{name} must be a whole number of bytes >= 0 (0 turns reuse off), got {reuse_budget!r}")
+    return reuse_budget

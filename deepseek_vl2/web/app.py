@@ -5,6 +5,10 @@ a check that refuses what cannot be answered (its error a pop-up, the input box 
 unqueued step that shows the user's turn and locks the input box, then the queued generation, which
 shares one concurrency slot ("model") with every other session's, since there is one model on one
 device. Stop, Remove last turn and Clear end only their own session's generation.
+
+The chat's reuse keeps each session's last prompt cache, tagged with the session's turn list, so a
+follow-up, a Regenerate or a message after Remove last turn prefills only what changed; Clear and the
+end of the session (its state deleted) free it.
 """
 
 from __future__ import annotations
@@ -181,7 +185,13 @@ class ChatApp:
             yield chat_messages(turns), turn_gallery(turns), generating
 
             result, shown_at = None, time.perf_counter()
-            stream = self.chat.stream(turn.prompt, images=message["images"], history=fitted.history, settings=settings)
+            stream = self.chat.stream(
+                turn.prompt,
+                images=message["images"],
+                history=fitted.history,
+                settings=settings,
+                reuse_owner=session_owner(turns),
+            )
             try:
                 for piece in stream:
                     if turn.stop_requested:
@@ -195,6 +205,8 @@ class ChatApp:
                         yield chat_messages(turns), turn_gallery(turns), generating
             finally:
                 stream.close()  # ends the model's generation at the next token, also if Gradio closes us
+                if not turns:  # cleared while answering: the prompt cache this turn just kept is no one's
+                    self.forget_session(turns)
             if result is not None:
                 turn.answer = result.answer
                 turn.overlays = [self._save_image(image) for image in result.grounding_overlays()]
@@ -223,7 +235,12 @@ class ChatApp:
     def clear(self, turns: list[Turn]):
         self.stop(turns)
         turns.clear()
+        self.forget_session(turns)
         return [], [], gr.MultimodalTextbox(value=None, interactive=True), ""
+
+    def forget_session(self, turns: list[Turn]) -> None:
+        """Free what the chat keeps for this session's next turn (Clear, or the session has ended)."""
+        self.chat.clear_reuse(session_owner(turns))
 
     @staticmethod
     def _parse_message(message: dict | None, turns: list[Turn]) -> tuple[str, list[str]]:
@@ -261,7 +278,7 @@ class ChatApp:
             gr.Markdown(f"# DeepSeek-VL2 chat\nModel: `{self.model_name}` on `{self.chat.device}`")
             if self.notice:
                 gr.Markdown(f"**{self.notice}**", elem_id="demo-notice")
-            turns = gr.State([])
+            turns = gr.State([], delete_callback=self.forget_session)
             with gr.Row():
                 with gr.Column(scale=3):
                     chatbot = gr.Chatbot(
@@ -327,6 +344,11 @@ class ChatApp:
             remove.click(self.remove_last_turn, turns, after_change, queue=False, api_name="remove_last_turn")
             clear.click(self.clear, turns, after_change, queue=False, api_name="clear")
         return demo
+
+
+def session_owner(turns: list[Turn]) -> int:
+    """The tag of a session's kept prompt cache: its turn list, the one object a session keeps for good."""
+    return id(turns)
 
 
 def _refusal(message: str) -> gr.Error:

@@ -15,7 +15,7 @@ import socket
 import sys
 
 from ..chat import DeepseekVL2Chat, default_image_dir
-from ..options import add_loading_options, loading_options
+from ..options import add_loading_options, add_reuse_options, loading_options, reuse_options
 
 DEMO_NOTICE = (
     "Demo mode: a small checkpoint built on this machine with RANDOM weights answers here, so its answers "
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chat with a DeepSeek-VL2 model (tiny, small or base) in the browser.",
     )
     add_loading_options(parser, "--model_name")
+    add_reuse_options(parser)
     parser.add_argument("--local_path", help="read the weights from this folder instead (--model_name stays the label)")
     parser.add_argument(
         "--host", "--ip", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo == bool(args.model_path or args.local_path):
         parser.error("give --model_name (or --local_path) for a real model, or --demo, not both")
     try:
-        loading = loading_options(args)
+        loading = {**loading_options(args), **reuse_options(args)}
     except ValueError as error:
         parser.error(str(error))
     if args.delete_cache and min(args.delete_cache) <= 0:
