@@ -11,6 +11,7 @@ FLOP/s against a large matmul.
     python benchmarks/bench.py --variant small --layers 4       # fewer decoder layers, for small RAM
     python benchmarks/bench.py --workloads one_image --batch_sizes 1 --chunk_size 512
     python benchmarks/bench.py --workloads chat_one_image chat_three_images   # three turns, reuse on and off
+    python benchmarks/bench.py --quantize int8                  # int8 decoder weights (quantized after building)
 
 The ``chat_`` workloads are three-turn chats through ``DeepseekVL2Chat`` about the same images: the
 TTFT of each turn with reuse across turns and without, and the memory the kept state takes.
@@ -41,6 +42,9 @@ from deepseek_vl2.chat import DeepseekVL2Chat
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from deepseek_vl2.models.language import DeepseekV2MoE
 from deepseek_vl2.models.tiling import num_tiles
+from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
+from deepseek_vl2.quantization.config import SHORT_FORMS
+from deepseek_vl2.quantization.selection import quantize_in_place
 from deepseek_vl2.testing.checkpoints import CANDIDATE_RESOLUTIONS
 from deepseek_vl2.testing.published import VARIANTS, published_config
 from deepseek_vl2.testing.tokenizer import build_tokenizer
@@ -619,13 +623,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--chunk_size", type=int, default=None, help="also run incremental prefilling in chunks of this size"
     )
+    parser.add_argument(
+        "--quantize", choices=tuple(SHORT_FORMS), help="quantize the decoder's weights (in place, after building)"
+    )
     parser.add_argument("--new_tokens", type=int, default=32, help="tokens generated per run (at least 2)")
     parser.add_argument("--text_tokens", type=int, default=218, help="prompt length of the text workload")
     parser.add_argument(
         "--output",
         type=Path,
         default=None,
-        help="JSON file (default: benchmarks/results-<variant>-<device>-<dtype>.json)",
+        help="JSON file (default: benchmarks/results-<variant>-<device>-<dtype>[-<quantize>].json)",
     )
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
@@ -658,6 +665,8 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     model = build_model(args.variant, args.layers, dtype, device)
+    if args.quantize:
+        quantize_in_place(model, DeepseekVL2QuantizationConfig.from_short_form(args.quantize))
     sync(device)
     load_seconds = time.perf_counter() - start
     decoder = model.config.language_config
@@ -716,7 +725,8 @@ def main(argv=None) -> dict:
     for row in prefill_memory_rows:
         print(f"decoder prefill tensor peak, {row['workload']} x{row['batch']}: whole {row['whole_gb'] * 1024:.0f} MB, "
               f"chunks of {row['chunk_size']} {row['chunked_gb'] * 1024:.0f} MB ({-row['reduction']:+.0%})")  # fmt: skip
-    output = args.output or Path(__file__).parent / f"results-{args.variant}-{args.device}-{args.dtype}.json"
+    weights = args.dtype + (f"-{args.quantize}" if args.quantize else "")
+    output = args.output or Path(__file__).parent / f"results-{args.variant}-{args.device}-{weights}.json"
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {output}")
     return report

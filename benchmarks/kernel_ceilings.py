@@ -16,10 +16,14 @@ import torch
 import torch.nn.functional as F
 from bench import best_time, matmul_rate, memory_bandwidth
 
-from deepseek_vl2.models.kernels import onednn_matmuls
+from deepseek_vl2.models.kernels import choose_weight_only, onednn_matmuls, weight_only_linear
+from deepseek_vl2.quantization.config import DEFAULT_INT4_GROUP_SIZE
+from deepseek_vl2.quantization.packing import quantize
 
 GB = 1e9
 CPU = torch.device("cpu")
+# The tiny model's weight shapes that a decode step reads: an expert's gate+up, an attention projection, the LM head.
+DECODE_SHAPES = {"expert gate+up": (1792, 1280), "attention proj": (1280, 1280), "LM head": (129280, 1280)}
 
 
 def weight_streaming(shape: tuple[int, int], rows: int, total_bytes: float = 400e6) -> tuple[float, float]:
@@ -43,6 +47,24 @@ def weight_streaming(shape: tuple[int, int], rows: int, total_bytes: float = 400
     return size / best_time(gemv_per_row, CPU, 5) / GB, size / best_time(onednn, CPU, 5) / GB
 
 
+def weight_only_streaming(shape: tuple[int, int], rows: int, bits: int, total_bytes: float = 400e6) -> float:
+    """GB/s of quantized weights read by the weight-only kernel for ``rows`` bf16 rows, over cold matrices."""
+    group_size = DEFAULT_INT4_GROUP_SIZE if bits == 4 else None
+    stored_bytes = shape[0] * shape[1] * bits / 8
+    count = max(4, int(total_bytes / stored_bytes))
+    matrix = torch.randn(shape).to(torch.bfloat16)
+    weights = [quantize(matrix, bits, group_size) for _ in range(count)]
+    weights = [(w.clone(), s.clone()) for w, s in weights]  # distinct storage: no cache reuse across matrices
+    kernel = choose_weight_only(CPU, bits)
+    x = torch.randn(rows, shape[1]).to(torch.bfloat16)
+
+    def run():
+        for weight, scale in weights:
+            weight_only_linear(x, kernel, weight, scale, group_size)
+
+    return count * stored_bytes / best_time(run, CPU, 5) / GB
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -54,10 +76,18 @@ def main(argv=None) -> None:
     print(f"bf16 matmul 4096^3: {matmul / 1e9:.0f} GFLOP/s\n")
 
     print("weights read, GB/s        rows   GEMV per row   oneDNN product")
-    for name, shape in [("expert gate+up", (1792, 1280)), ("attention proj", (1280, 1280)), ("LM head", (129280, 1280))]:
+    for name, shape in DECODE_SHAPES.items():
         for rows in (1, 2, 4):
             gemv, onednn = weight_streaming(shape, rows)
             print(f"{name:16s} {str(shape):>13s}  {rows:4d}   {gemv:12.1f}   {onednn:14.1f}")
+
+    print("\nquantized weights read, GB/s (bf16 rows; tokens/s scale with weights per second: x2 for int8, x4 int4)")
+    print("                                rows   int8 (bytes/s)   int4 (bytes/s)   bf16-equivalent int8 / int4")
+    for name, shape in DECODE_SHAPES.items():
+        for rows in (1, 4):
+            int8, int4 = weight_only_streaming(shape, rows, 8), weight_only_streaming(shape, rows, 4)
+            equivalent = f"{2 * int8:10.1f} / {4 * int4:.1f}"
+            print(f"{name:16s} {shape!s:>13s}  {rows:4d}   {int8:14.1f}   {int4:14.1f}   {equivalent}")
 
     print("\none-token attention over 1,686 cached positions, 10 heads x 128 (12 layers' caches, cold)")
     for batch in (1, 4):

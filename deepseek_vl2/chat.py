@@ -27,8 +27,10 @@ from transformers.utils import CONFIG_NAME
 from .grounding import GROUNDED_IMAGE, GroundingResult, clean_answer, overlays, parse_grounding
 from .models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from .models.conversation import ASSISTANT, SYSTEM, USER, is_system_role, place_images
+from .models.kernels import choose_weight_only
 from .models.reuse import PromptKey, ReuseCache, model_context, prompt_image_runs
 from .planner import default_reuse_budget
+from .quantization import DeepseekVL2QuantizationConfig
 from .utils.checkpoint import check_checkpoint_location
 from .utils.checks import check_chunk_size, check_max_new_tokens, check_reuse, pick_dtype, pick_placement
 from .utils.io import checked_messages, load_image
@@ -201,16 +203,22 @@ class DeepseekVL2Chat:
         offload_folder: str | os.PathLike | None = None,
         reuse: bool = True,
         reuse_budget: int | None = None,
+        quantization: str | DeepseekVL2QuantizationConfig | None = None,
     ) -> DeepseekVL2Chat:
         """Load a checkpoint (hub id or folder) onto ``device``, or where ``device_map`` puts it.
 
         ``device_map`` ("auto", with ``max_memory`` such as ``{0: "20GiB", "cpu": "48GiB"}`` and an
         ``offload_folder``) is transformers' own, as ``deepseek-vl2 plan`` advises; the model then
         stays where it is placed and inputs go to ``model.device``. ``reuse`` and ``reuse_budget`` are
-        the constructor's.
+        the constructor's. ``quantization`` ("int8", "int4" or a ``DeepseekVL2QuantizationConfig``)
+        quantizes the decoder's weights while loading.
         """
         dtype = pick_dtype(dtype)
         device = pick_placement(device, device_map, max_memory, offload_folder)
+        if isinstance(quantization, str):
+            quantization = DeepseekVL2QuantizationConfig.from_short_form(quantization)
+        if quantization is not None:
+            choose_weight_only(torch.device(device or "cpu"), quantization.bits)  # a device without a kernel: now
         if chunk_size is not None:  # checked again by __init__, but before the minutes of loading
             check_chunk_size(chunk_size)
         check_reuse(reuse, reuse_budget)
@@ -224,6 +232,7 @@ class DeepseekVL2Chat:
             device_map=device_map,
             max_memory=max_memory,
             offload_folder=offload_folder,
+            quantization_config=quantization,
         )
         return cls(model if device is None else model.to(device), processor, chunk_size, reuse, reuse_budget)
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 
+from .quantization.config import SHORT_FORMS
 from .utils.checks import check_chunk_size, check_reuse, pick_dtype, pick_placement
 from .utils.sizes import MAX_MEMORY_EXAMPLE, format_max_memory, parse_bytes, parse_max_memory
 
 ONE_PASS = -1  # --chunk_size for one full prefill (None in Python)
 # from_pretrained's keyword arguments, each set by the flag of the same name
-LOADING_OPTIONS = ("device", "dtype", "chunk_size", "device_map", "max_memory", "offload_folder")
+LOADING_OPTIONS = ("device", "dtype", "chunk_size", "device_map", "max_memory", "offload_folder", "quantization")
 MODEL_HELP = "hub id (e.g. deepseek-ai/deepseek-vl2-tiny) or local folder of a DeepSeek-VL2 checkpoint"
 
 
@@ -50,6 +51,12 @@ def add_loading_options(parser: argparse.ArgumentParser, *model_aliases: str) ->
         help=f"with --device_map: memory per device, e.g. {MAX_MEMORY_EXAMPLE} (GPU indexes, cpu, disk)",
     )
     group.add_argument("--offload_folder", metavar="DIR", help="with --device_map: folder for weights that fit nowhere")
+    group.add_argument(
+        "--quantization",
+        "--quantize",
+        choices=tuple(SHORT_FORMS),
+        help="quantize the decoder's weights while loading: int8 (half of bf16) or int4 (a quarter); CPU only for now",
+    )
 
 
 def loading_options(args: argparse.Namespace) -> dict:

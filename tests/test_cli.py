@@ -179,7 +179,7 @@ def test_loading_flags_read_back_as_the_same_options():
     from deepseek_vl2.options import loading_flags, loading_options
 
     given = {"dtype": "bfloat16", "device_map": "auto", "max_memory": {0: "20.5GiB", "cpu": "48GiB", "disk": 2**40},
-             "offload_folder": "offload", "chunk_size": 512}  # fmt: skip
+             "offload_folder": "offload", "chunk_size": 512, "quantization": "int4"}  # fmt: skip
     args = build_parser().parse_args(["ask", "--demo", *loading_flags(**given)])
     read_back = {0: int(20.5 * 2**30), "cpu": 48 * 2**30, "disk": 2**40}
     assert loading_options(args) == {**given, "device": None, "max_memory": read_back}

@@ -551,7 +551,7 @@ def test_loading_flags_reach_the_model_under_each_name_of_the_model_flag(tiny_ch
         assert web_demo.main([name, "org/model", *flags]) == 0
     expected = {"device": None, "dtype": "fp32", "chunk_size": 64, "device_map": "auto",
                 "max_memory": {0: 2 << 30, "cpu": 1 << 30}, "offload_folder": str(tmp_path),
-                "reuse": True, "reuse_budget": None}  # fmt: skip
+                "reuse": True, "reuse_budget": None, "quantization": None}  # fmt: skip
     assert loads == [("org/model", expected)] * 3
     assert web_demo.main(["--model", "org/model", *flags, "--no-reuse", "--reuse_budget", "1GiB"]) == 0
     assert loads[-1] == ("org/model", {**expected, "reuse": False, "reuse_budget": 1 << 30})

@@ -11,12 +11,12 @@ import sys
 from collections.abc import Sequence
 
 from .. import planner
-from . import ask
+from . import ask, quantize
 from .serve import add_batch_command, add_serve_command
 from .common import CliError, configure_hub_logging, silence_stdout
 
 # Each adds its parser to the subparsers and sets ``run`` (args -> exit status) as its default.
-COMMANDS = (ask.add_command, planner.add_command, add_serve_command, add_batch_command)
+COMMANDS = (ask.add_command, planner.add_command, quantize.add_command, add_serve_command, add_batch_command)
 DEFAULT_COMMAND = "ask"
 
 

@@ -46,6 +46,8 @@ class Kernel(Enum):
     EACH_PAIR = "each_pair"  # ``DeepseekV2Experts._run_each``
     GATHERED = "gathered"  # ``DeepseekV2Experts._run_gathered``
     SORTED = "sorted"  # ``DeepseekV2Experts._run_sorted``
+    INT8_WEIGHT_ONLY = "int8_weight_only"  # ``aten._weight_int8pack_mm``: int8 weights, a scale per output channel
+    INT4_WEIGHT_ONLY = "int4_weight_only"  # ``aten._weight_int4pack_mm_for_cpu``: packed int4, grouped scales, zeros
 
 
 MATMUL_KERNELS = (Kernel.TORCH_DEFAULT, Kernel.NATIVE_GEMV, Kernel.ONEDNN)
@@ -99,9 +101,39 @@ _RULES: dict[Op, Callable[[torch.device, torch.dtype, int], Kernel]] = {
 }
 
 
+# The weight-only kernels per (device type, bits). PyTorch's CUDA int4 op (tinygemm) wants another packing,
+# and no GPU has been at hand to measure it: quantized models run on CPU only for now.
+_WEIGHT_ONLY: dict[tuple[str, int], Kernel] = {("cpu", 8): Kernel.INT8_WEIGHT_ONLY, ("cpu", 4): Kernel.INT4_WEIGHT_ONLY}
+
+
 def choose(op: Op, device: torch.device, dtype: torch.dtype, size: int) -> Kernel:
     """The kernel to run ``op`` with, on ``device`` in ``dtype``, for ``size`` as :class:`Op` counts it."""
     return _RULES[op](device, dtype, size)
+
+
+def choose_weight_only(device: torch.device, bits: int) -> Kernel:
+    """The kernel multiplying by ``bits``-bit weights on ``device``; ValueError where there is none.
+
+    These kernels read the quantized bytes themselves: dequantizing whole matrices before a bf16 product
+    would read more bytes than bf16 alone.
+    """
+    kernel = _WEIGHT_ONLY.get((torch.device(device).type, bits))
+    if kernel is None:
+        supported = ", ".join(f"int{b} on {d}" for d, b in _WEIGHT_ONLY)
+        raise ValueError(f"no kernel for int{bits} weights on {torch.device(device).type}: supported are {supported}")
+    return kernel
+
+
+def weight_only_linear(x: torch.Tensor, kernel: Kernel, weight, scale, group_size: int) -> torch.Tensor:
+    """``x [..., in] @ W.T`` for quantized ``W`` (as ``quantization.packing`` lays it out), in ``x``'s dtype."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    if kernel is Kernel.INT8_WEIGHT_ONLY:
+        output = torch.ops.aten._weight_int8pack_mm(rows, weight, scale)
+    elif kernel is Kernel.INT4_WEIGHT_ONLY:
+        output = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, group_size, scale)
+    else:
+        raise ValueError(f"{kernel} is not a weight-only kernel")
+    return output.view(*x.shape[:-1], output.shape[-1])
 
 
 @contextmanager

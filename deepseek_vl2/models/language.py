@@ -401,6 +401,13 @@ class DeepseekV2Experts(nn.Module):
         weighted = expert_outputs.view(*top_k_index.shape, -1) * top_k_weights.unsqueeze(-1)
         return weighted.sum(dim=1).to(hidden_states.dtype)
 
+    def _gate_up(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
+        """``tokens`` through one expert's gate and up projections, its weights read in place."""
+        return F.linear(tokens, self.gate_up_proj[expert])
+
+    def _down(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
+        return F.linear(tokens, self.down_proj[expert])
+
     def _run_each(self, hidden_states, top_k_index) -> torch.Tensor:
         """Each (token, expert) pair through its expert's weights where they lie (one cheap host read on CPU).
 
@@ -410,8 +417,8 @@ class DeepseekV2Experts(nn.Module):
         outputs = []
         for token, experts in zip(hidden_states, top_k_index.tolist()):
             for expert in experts:
-                gate, up = F.linear(token, self.gate_up_proj[expert]).chunk(2, dim=-1)
-                outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+                gate, up = self._gate_up(token, expert).chunk(2, dim=-1)
+                outputs.append(self._down(self.act_fn(gate) * up, expert))
         return torch.stack(outputs)
 
     def _run_gathered(self, hidden_states, top_k_index) -> torch.Tensor:
@@ -437,8 +444,8 @@ class DeepseekV2Experts(nn.Module):
         for expert, count in enumerate(counts):
             if count:
                 segment = slots[start : start + count]
-                gate, up = F.linear(hidden_states[segment // top_k], self.gate_up_proj[expert]).chunk(2, dim=-1)
-                output = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+                gate, up = self._gate_up(hidden_states[segment // top_k], expert).chunk(2, dim=-1)
+                output = self._down(self.act_fn(gate) * up, expert)
                 weighted.index_copy_(0, segment, output * weights[segment])
                 start += count
         return weighted.view(*top_k_index.shape, -1).sum(dim=1).to(hidden_states.dtype)

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import CONFIG_NAME
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ..quantization.loading import check_against_stored, requested_config, stored_config
 from ..utils.checkpoint import check_checkpoint_location, own_mapped_weights
 from ..utils.checks import check_chunk_size
 from .cache import DeepseekV2Cache, DeepseekV2GenerationMixin
@@ -27,6 +28,8 @@ from .tiling import num_tiles
 from .vision import VisionTransformer
 
 IMAGE_INPUTS = ("images", "images_seq_mask", "images_spatial_crop")
+# from_pretrained's arguments that say which config.json to read (checked for quantization before loading)
+HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 # Processor outputs that are not model inputs: generate(**inputs) leaves them out.
 PROCESSOR_ONLY = ("sft_format", "labels", "num_image_tokens", "seq_lens")
 
@@ -43,10 +46,22 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, quantization: str | None = None, **kwargs):
         """transformers' loader, with errors that name the problem (a missing folder, wrong-shaped tensors),
-        and weights in the process's own memory rather than views of the checkpoint files."""
+        and weights in the process's own memory rather than views of the checkpoint files.
+
+        ``quantization="int8"`` or ``"int4"`` (or ``quantization_config=DeepseekVL2QuantizationConfig(...)``)
+        quantizes the weights while loading; a checkpoint saved quantized loads quantized by itself.
+        """
         check_checkpoint_location(pretrained_model_name_or_path, CONFIG_NAME, kwargs.get("subfolder") or "")
+        requested = requested_config(quantization, kwargs.pop("quantization_config", None))
+        if requested is not None:
+            hub = {name: kwargs[name] for name in HUB_KWARGS if kwargs.get(name) is not None}
+            config_dict, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub)
+            stored = stored_config(config_dict)
+            check_against_stored(requested, stored)
+            if stored is None:
+                kwargs["quantization_config"] = requested
         if kwargs.get("ignore_mismatched_sizes"):
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
             own_mapped_weights(model[0] if isinstance(model, tuple) else model)
@@ -63,6 +78,16 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
             raise ValueError(f"checkpoint {pretrained_model_name_or_path} has tensors of the wrong shape: {wrong}")
         own_mapped_weights(model)
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' saver; a quantized model keeps its experts stacked, as it holds them.
+
+        Splitting them into the published one-tensor-per-expert layout would split int4's packed tiles
+        and grouped scales along the wrong axes; a quantized folder is read by this library only.
+        """
+        if getattr(self, "is_quantized", False):
+            kwargs["save_original_format"] = False
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Random init for built test checkpoints; the decoder (a sub-model) initialises itself."""

@@ -1,0 +1,68 @@
+"""The settings of weight-only quantization, as a transformers quantization config.
+
+Registered with transformers under :data:`QUANT_METHOD`, so that ``save_pretrained`` writes them into
+config.json's ``quantization_config`` and ``from_pretrained`` on that folder finds them again.
+"""
+
+from __future__ import annotations
+
+from transformers.quantizers.auto import register_quantization_config
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "deepseek_vl2_weight_only"
+BITS = (8, 4)
+# Group sizes the CPU int4 kernel takes (``_weight_int4pack_mm_for_cpu``).
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+# 64: the largest the kernel takes that divides the input width of every published decoder layer (the dense
+# MLPs' down projections read 6848 / 10944 / 12288 channels, which 128 does not divide for tiny and small);
+# smaller groups would add a scale and a zero (4 bytes) per 32 weights, an eighth more bytes to read.
+DEFAULT_INT4_GROUP_SIZE = 64
+SHORT_FORMS = {"int8": 8, "int4": 4}
+
+
+@register_quantization_config(QUANT_METHOD)
+class DeepseekVL2QuantizationConfig(QuantizationConfigMixin):
+    """Weight-only quantization of the decoder (and optionally the vision tower) of DeepSeek-VL2.
+
+    ``bits=8``: int8 weights, one scale per output channel. ``bits=4``: int4 weights, one scale and one
+    zero point per ``group_size`` input channels. ``quantize_vision`` also quantizes the vision tower's
+    linear layers (kept in the model dtype by default: they are a small share of the bytes and run once
+    per image, not once per token).
+    """
+
+    def __init__(self, bits: int = 8, group_size: int | None = None, quantize_vision: bool = False):
+        self.quant_method = QUANT_METHOD
+        self.bits, self.group_size, self.quantize_vision = bits, group_size, quantize_vision
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
+        if self.bits == 8 and self.group_size is not None:
+            raise ValueError("int8 has one scale per output channel: group_size is for bits=4 only")
+        if self.bits == 4:
+            self.group_size = DEFAULT_INT4_GROUP_SIZE if self.group_size is None else self.group_size
+            if self.group_size not in INT4_GROUP_SIZES:
+                raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} for int4, got {self.group_size!r}")
+        if not isinstance(self.quantize_vision, bool):
+            raise TypeError(f"quantize_vision must be True or False, got {self.quantize_vision!r}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
+
+    @classmethod
+    def from_short_form(cls, name: str) -> DeepseekVL2QuantizationConfig:
+        """The config for ``"int8"`` or ``"int4"`` (default group size)."""
+        if name not in SHORT_FORMS:
+            raise ValueError(f"quantization must be one of {', '.join(SHORT_FORMS)}, got {name!r}")
+        return cls(bits=SHORT_FORMS[name])
+
+    def settings(self) -> dict:
+        """What decides the stored weights: two configs with the same settings load the same tensors."""
+        return {"bits": self.bits, "group_size": self.group_size, "quantize_vision": self.quantize_vision}
+
+    def to_dict(self) -> dict:
+        return {"quant_method": QUANT_METHOD, **self.settings()}
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        settings = {key: value for key, value in {**config_dict, **kwargs}.items() if key != "quant_method"}
+        config = cls(**settings)
+        return (config, {}) if return_unused_kwargs else config

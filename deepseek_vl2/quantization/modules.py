@@ -1,0 +1,94 @@
+"""Modules holding quantized weights: linear layers and a layer's stacked routed experts.
+
+Each keeps its float layer's interface and parameter names; a weight ``w`` gains a ``w_scale``
+companion (per output channel for int8, per group for int4, see ``packing``). The products run on
+``kernels.weight_only_linear``, which reads the quantized bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.kernels import choose_weight_only, weight_only_linear
+from ..models.language import DeepseekV2Experts
+from .packing import dequantize, empty_quantized, quantize
+
+SCALE_SUFFIX = "_scale"
+
+
+class QuantizedWeights:
+    """What quantized modules share: which of their tensors are quantized, and how to fill them."""
+
+    bits: int
+    group_size: int | None
+    quantized_names: tuple[str, ...]
+
+    def _make_quantized(self, name: str, float_weight: torch.Tensor) -> None:
+        """Replace parameter ``name`` by uninitialised quantized storage and its scale (same device)."""
+        weight, scale = empty_quantized(
+            float_weight.shape, self.bits, self.group_size, float_weight.dtype, float_weight.device
+        )
+        setattr(self, name, nn.Parameter(weight, requires_grad=False))
+        setattr(self, name + SCALE_SUFFIX, nn.Parameter(scale, requires_grad=False))
+
+    def quantize_tensor(self, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors (by parameter name) for a float ``value`` of parameter ``name``."""
+        if name not in self.quantized_names:
+            return {name: value}
+        weight, scale = quantize(value, self.bits, self.group_size)
+        return {name: weight, name + SCALE_SUFFIX: scale}
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """The float32 values that quantized parameter ``name`` stands for."""
+        return dequantize(getattr(self, name), getattr(self, name + SCALE_SUFFIX), self.bits)
+
+
+class QuantizedLinear(QuantizedWeights, nn.Module):
+    """``nn.Linear`` with int8 or int4 weights; the bias stays in the model dtype."""
+
+    quantized_names = ("weight",)
+
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int | None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bits, self.group_size = bits, group_size
+        self._make_quantized("weight", linear.weight)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = choose_weight_only(x.device, self.bits)
+        output = weight_only_linear(x, kernel, self.weight, self.weight_scale, self.group_size)
+        return output if self.bias is None else output + self.bias
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
+
+
+class QuantizedExperts(QuantizedWeights, DeepseekV2Experts):
+    """Stacked routed experts with quantized ``gate_up_proj`` and ``down_proj``.
+
+    The routing paths are the float experts' own: a decode step runs each (token, expert) pair on its
+    expert's slice in place, a prefill runs each hit expert once on its sorted tokens; only the two
+    products differ.
+    """
+
+    quantized_names = ("gate_up_proj", "down_proj")
+
+    def __init__(self, config, bits: int, group_size: int | None, like: DeepseekV2Experts):
+        with torch.device(like.gate_up_proj.device):
+            super().__init__(config)
+        self.bits, self.group_size = bits, group_size
+        for name in self.quantized_names:
+            self._make_quantized(name, getattr(like, name))
+
+    def _gate_up(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
+        kernel = choose_weight_only(tokens.device, self.bits)
+        return weight_only_linear(
+            tokens, kernel, self.gate_up_proj[expert], self.gate_up_proj_scale[expert], self.group_size
+        )
+
+    def _down(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
+        kernel = choose_weight_only(tokens.device, self.bits)
+        return weight_only_linear(tokens, kernel, self.down_proj[expert], self.down_proj_scale[expert], self.group_size)
