@@ -519,9 +519,21 @@ def test_serve_command_refuses_bad_options_before_loading(capsys, tmp_path):
     for options, words in ((["--demo", "--model_path", "x"], "not both"), ([], "--model_path"),
                            (["--demo", "--allowed-local-media-path", str(tmp_path / "none")], "not a folder"),
                            (["--demo", "--max-queue", "0"], "--max-queue"), (["--demo", "--dtype", "int3"], "int3"),
-                           (["--demo", "--host", "no.such.host.invalid"], "cannot serve")):  # fmt: skip
+                           (["--demo", "--host", "no.such.host.invalid"], "cannot serve"),
+                           (["--demo", "--reuse_budget", "lots"], "lots")):  # fmt: skip
         assert main(["serve", *options]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_serve_and_batch_take_the_reuse_options():
+    from deepseek_vl2.cli import build_parser
+    from deepseek_vl2.server.loading import check_model_options
+
+    for command in (["serve"], ["batch", "in.jsonl", "out.jsonl"]):
+        options = check_model_options(build_parser().parse_args([*command, "--demo", "--reuse_budget", "1GiB"]))
+        assert (options["reuse"], options["reuse_budget"]) == (True, 2**30)
+        options = check_model_options(build_parser().parse_args([*command, "--demo", "--no-reuse"]))
+        assert options["reuse"] is False
 
 
 def test_default_served_model_name(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import add_loading_options
+from ..options import add_loading_options, add_reuse_options
 from ..server.options import add_batch_arguments, add_serve_arguments
 
 
@@ -18,6 +18,7 @@ def add_serve_command(subparsers) -> None:
         description="Serve the model behind OpenAI's chat-completions API on 127.0.0.1 (needs the [serve] extra).",
     )
     add_loading_options(parser)
+    add_reuse_options(parser)
     add_serve_arguments(parser)
     parser.set_defaults(run=_serve)
 
@@ -29,6 +30,7 @@ def add_batch_command(subparsers) -> None:
         description="Answer every request of an OpenAI batch file, appending results; a re-run skips those done.",
     )
     add_loading_options(parser)
+    add_reuse_options(parser)
     add_batch_arguments(parser)
     parser.set_defaults(run=_batch)
 

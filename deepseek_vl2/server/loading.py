@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ..chat import DeepseekVL2Chat
-from ..options import loading_options
+from ..options import loading_options, reuse_options
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +23,12 @@ def default_model_name(args: argparse.Namespace) -> str:
 
 
 def check_model_options(args: argparse.Namespace) -> dict:
-    """``from_pretrained``'s loading arguments for the flags; ValueError, before anything loads, if they cannot work."""
+    """``from_pretrained``'s loading and reuse arguments for the flags; ValueError, before anything loads, if
+    they cannot work. Reuse keeps the prompt caches and image features of earlier requests, so a client's
+    follow-up turn (or another question about the same image) prefills only what is new."""
     if args.demo == bool(args.model_path):
         raise ValueError("give --model_path <hub id or folder>, or --demo (random weights), not both")
-    return loading_options(args)
+    return {**loading_options(args), **reuse_options(args)}
 
 
 def load_chat(args: argparse.Namespace, options: dict) -> DeepseekVL2Chat:
