@@ -137,10 +137,16 @@ def concurrent_clients(url: str, images: list[Path], clients: int, new_tokens: i
 
 
 def serve_figures(args: argparse.Namespace, checkpoint: Path, images: list[Path]) -> list[dict]:
+    """Each measured request shows an image the server has not seen, so that reuse across requests does not
+    make a run look faster than a fresh request is."""
     server, url = start_server(args, checkpoint)
     try:
-        concurrent_clients(url, images, 1, 2)  # untimed: first-call set-up
-        return [concurrent_clients(url, images, clients, args.new_tokens) for clients in args.clients]
+        concurrent_clients(url, images[-1:], 1, 2)  # untimed: first-call set-up, on an image no run shows
+        rows, first = [], 0
+        for clients in args.clients:
+            rows.append(concurrent_clients(url, images[first : first + clients], clients, args.new_tokens))
+            first += clients
+        return rows
     finally:
         server.terminate()
         server.wait()
@@ -194,6 +200,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=16, help="requests of the batch comparison")
     parser.add_argument("--new_tokens", type=int, default=32, help="max tokens per answer")
     parser.add_argument("--image_size", type=image_size, default=(1024, 768), help="WIDTHxHEIGHT of each image")
+    parser.add_argument("--parts", nargs="+", choices=["serve", "batch"], default=["serve", "batch"])
     parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoint goes (default: a temp folder)")
     parser.add_argument(
         "--output", type=Path, default=None,
@@ -202,6 +209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.requests, args.new_tokens, *args.clients) < 1:
         parser.error("--clients, --requests and --new_tokens must be at least 1")
+    if args.requests < sum(args.clients) + 1:
+        parser.error("--requests must be at least the sum of --clients plus one: each served request shows its own image")
     return args
 
 
@@ -216,13 +225,14 @@ def main(argv=None) -> dict:
               f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
         (folder / "images").mkdir()
         images = write_images(args, folder / "images")
-        serve = serve_figures(args, checkpoint, images)
+        serve = serve_figures(args, checkpoint, images) if "serve" in args.parts else []
         for row in serve:
             print(f"serve, {row['clients']} client(s): TTFT mean {row['ttft_mean_s']:.2f} s, max "
                   f"{row['ttft_max_s']:.2f} s; {row['aggregate_tokens_per_s']:.2f} tokens/s in all", flush=True)
-        batch = batch_figures(args, checkpoint, images, folder)
-        print(f"{batch['requests']} requests: batch runner {batch['batch_s']:.1f} s, {batch['requests']} CLI runs "
-              f"{batch['cli_s']:.1f} s ({batch['speedup']:.1f}x)", flush=True)  # fmt: skip
+        batch = batch_figures(args, checkpoint, images, folder) if "batch" in args.parts else None
+        if batch:
+            print(f"{batch['requests']} requests: batch runner {batch['batch_s']:.1f} s, {batch['requests']} CLI "
+                  f"runs {batch['cli_s']:.1f} s ({batch['speedup']:.1f}x)", flush=True)  # fmt: skip
     report = {
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "machine": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(),
