@@ -29,6 +29,7 @@ from .models.configuration import DeepseekV2Config, DeepseekVLV2Config
 from .models.cache import cache_capacity
 from .models.tiling import tiles_and_tokens
 from .options import add_dtype_option, add_model_option, loading_flags
+from .quantization.config import SHORT_FORMS
 from .utils.checkpoint import looks_like_hub_id
 from .utils.checks import pick_dtype
 from .utils.dtypes import parse_dtype
@@ -444,6 +445,103 @@ def plan_memory(
     )
 
 
+
+# Resident memory of the process besides weights and activations (Python, torch, allocator slack): RSS
+# after loading tiny minus its weights, ``benchmarks/load_memory.py``, rounded up.
+CPU_RUNTIME_OVERHEAD = 512 << 20
+
+
+@dataclass
+class CpuPlan:
+    """What one request needs on CPU, in RAM, with the weights optionally quantized (sizes in bytes)."""
+
+    model: str
+    dtype: str
+    quantization: str | None
+    weights: dict[str, int]  # per part, as stored (quantized parts with their scales)
+    prompt_tokens: int
+    kv_cache: int
+    activation_peak: int  # image encoding, one-pass prefill or decoding, the largest
+    reuse_budget: int
+    ram: int
+
+    @property
+    def weight_total(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def needed(self) -> int:
+        """Weights, the activation peak and the runtime; a chat's kept reuse state comes on top."""
+        return self.weight_total + self.activation_peak + CPU_RUNTIME_OVERHEAD
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "weight_total": self.weight_total, "needed": self.needed}, indent=2)
+
+    def report(self) -> str:
+        weights = ", ".join(f"{part} {_size(size)}" for part, size in self.weights.items())
+        stored = self.quantization or self.dtype
+        lines = [
+            f"{self.model} on CPU, {stored} weights ({self.dtype} activations)",
+            f"  weights         {_size(self.weight_total)} ({weights})",
+            f"  prompt          {self.prompt_tokens} tokens; KV cache {_size(self.kv_cache)} with the answer",
+            f"  activation peak {_size(self.activation_peak)} (image encoding, prefill in one pass or decoding)",
+            f"  runtime         about {_size(CPU_RUNTIME_OVERHEAD)} (Python, torch)",
+            f"  reuse           up to {_size(self.reuse_budget)} kept between turns by a chat (--reuse_budget)",
+            "",
+        ]
+        if self.needed <= self.ram:
+            lines.append(f"Verdict: fits in {_size(self.ram)} of RAM (needs about {_size(self.needed)})")
+        else:
+            lines.append(f"Verdict: does not fit in {_size(self.ram)} of RAM: needs about {_size(self.needed)}")
+        flags = " ".join(loading_flags(dtype=self.dtype, device="cpu", quantization=self.quantization))
+        lines.append(f"Flags:   {flags}  (deepseek-vl2 and the web demo)")
+        return "\n".join(lines)
+
+
+def plan_cpu_memory(
+    model: str | os.PathLike | DeepseekVLV2Config,
+    ram: int | str,
+    *,
+    quantization=None,
+    images: int = 0,
+    image_size: str | Sequence[int] = (1024, 768),
+    text_tokens: int = 256,
+    max_new_tokens: int = 512,
+    dtype: str | torch.dtype = "bf16",
+) -> CpuPlan:
+    """Plan one request on CPU with ``ram`` of memory, the weights as ``quantization`` stores them ("int8",
+    "int4" or a ``DeepseekVL2QuantizationConfig``; None: the model dtype)."""
+    from .quantization.config import DeepseekVL2QuantizationConfig
+    from .quantization.selection import quantize_modules
+
+    config = model if isinstance(model, DeepseekVLV2Config) else load_config(model)
+    name = (config.name_or_path or "model") if isinstance(model, DeepseekVLV2Config) else str(model)
+    dtype = parse_dtype(dtype)
+    tiles, image_tokens = image_tiles_and_tokens(config, parse_image_size(image_size), images)
+    prompt_tokens = max(text_tokens + image_tokens, 1)
+    language = config.language_config
+    meta = meta_model(config, dtype)
+    if isinstance(quantization, str):
+        quantization = DeepseekVL2QuantizationConfig.from_short_form(quantization)
+    if quantization is not None:
+        quantize_modules(meta, quantization)
+    peak = max(
+        vision_peak(config, tiles, prompt_tokens, dtype),
+        decoder_prefill_peak(language, prompt_tokens, None, dtype, device="cpu"),
+        decode_peak(language, prompt_tokens, prompt_tokens + max_new_tokens, dtype),
+    )
+    return CpuPlan(
+        model=name,
+        dtype=str(dtype).removeprefix("torch."),
+        quantization=None if quantization is None else f"int{quantization.bits}",
+        weights=weight_bytes(meta),
+        prompt_tokens=prompt_tokens,
+        kv_cache=kv_cache_bytes_per_token(language, dtype) * (prompt_tokens + max_new_tokens),
+        activation_peak=peak,
+        reuse_budget=default_reuse_budget(language, dtype),
+        ram=parse_bytes(ram),
+    )
+
 @contextmanager
 def _quiet(logger_name: str):
     """Silence a logger (accelerate warns about each planned GPU this machine does not have)."""
@@ -605,7 +703,12 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: deepseek-vl2 plan --model deepseek-ai/deepseek-vl2-small --gpu-memory 40GiB --images 2",
     )
     add_model_option(parser, required=True, help="hub id, checkpoint folder or config.json")
-    parser.add_argument("--gpu-memory", required=True, help="memory of each GPU, e.g. 40GiB, 24GB")
+    memory = parser.add_mutually_exclusive_group(required=True)
+    memory.add_argument("--gpu-memory", help="memory of each GPU, e.g. 40GiB, 24GB")
+    memory.add_argument("--ram", help="plan for the CPU instead, with this much RAM, e.g. 24GiB")
+    parser.add_argument(
+        "--quantize", choices=list(SHORT_FORMS), help="with --ram: the weights quantized while loading (CPU only)"
+    )
     parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
     parser.add_argument("--cpu-memory", help="RAM for offloaded weights (default: as much as needed)")
     parser.add_argument("--images", type=int, default=0, help="images in the prompt (default 0)")
@@ -619,6 +722,21 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.quantize and not args.ram:
+            raise ValueError("--quantize plans a CPU load (quantized models run on CPU): give --ram, not --gpu-memory")
+        if args.ram:
+            plan = plan_cpu_memory(
+                args.model_path,
+                args.ram,
+                quantization=args.quantize,
+                images=args.images,
+                image_size=args.image_size,
+                text_tokens=args.text_tokens,
+                max_new_tokens=args.max_new_tokens,
+                dtype=pick_dtype(args.dtype),
+            )
+            print(plan.to_json() if args.json else plan.report())
+            return 0
         plan = plan_memory(
             args.model_path,
             args.gpu_memory,

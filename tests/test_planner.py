@@ -29,6 +29,7 @@ from deepseek_vl2.planner import (
     load_config,
     main,
     meta_model,
+    plan_cpu_memory,
     plan_memory,
     vision_peak,
     weight_bytes,
@@ -286,6 +287,45 @@ def test_small_fits_a_40gb_gpu_but_not_a_24gb_one(published_config_file):
 
     pair = plan_memory(path, "24GiB", gpus=2, images=2)
     assert pair.offloaded == 0 and set(pair.device_map.values()) == {0, 1}
+
+
+@pytest.mark.parametrize("variant, bits", [("small", 8), ("tiny", 4)])  # small's test MLA has no int4 tiles
+def test_cpu_plan_counts_the_weights_a_quantized_load_holds(checkpoint_dir, variant, bits):
+    from deepseek_vl2.models import DeepseekVLV2ForCausalLM
+    from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
+
+    path = checkpoint_dir(variant)
+    quantization = DeepseekVL2QuantizationConfig(bits=bits, group_size=32 if bits == 4 else None)  # 32-wide experts
+    model = DeepseekVLV2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization)
+    plan = plan_cpu_memory(path, "1GiB", quantization=quantization)
+    assert plan.weight_total == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plan.weights["embeddings"] == model.get_input_embeddings().weight.nbytes, "embeddings stay bf16"
+    assert plan.weight_total < plan_cpu_memory(path, "1GiB").weight_total
+
+
+def test_cpu_plan_verdicts_for_small_and_base(published_config_file):
+    small, base = published_config_file("small"), published_config_file("base")
+    plans = {(path.parent.name, q): plan_cpu_memory(path, "24GiB", quantization=q, images=1)
+             for path in (small, base) for q in (None, "int8", "int4")}  # fmt: skip
+    for variant in ("small", "base"):
+        full, int8, int4 = (plans[variant, q] for q in (None, "int8", "int4"))
+        assert int4.weight_total < int8.weight_total < 0.6 * full.weight_total
+        assert int8.activation_peak == full.activation_peak, "activations stay in the model dtype"
+        for plan in (full, int8, int4):
+            verdict = [line for line in plan.report().splitlines() if line.startswith("Verdict")]
+            assert verdict == [f"Verdict: {'fits in' if plan.needed <= 24 * 2**30 else 'does not fit in'} 24.00 GiB"
+                               + verdict[0].split("24.00 GiB", 1)[1]]  # fmt: skip
+    assert plans["small", None].needed > 24 * 2**30 >= plans["small", "int8"].needed
+
+
+def test_cli_plans_a_quantized_cpu_load(published_config_file, capsys):
+    small = str(published_config_file("small"))
+    assert main(["--model", small, "--ram", "16GiB", "--quantize", "int4"]) == 0
+    report = capsys.readouterr().out
+    assert "int4 weights" in report and "Verdict: fits in 16.00 GiB of RAM" in report
+    assert "--quantization int4" in report
+    assert main(["--model", small, "--gpu-memory", "24GiB", "--quantize", "int8"]) == 2
+    assert "give --ram" in capsys.readouterr().err
 
 
 def test_long_prompts_get_a_chunk_size(published_config_file):
