@@ -29,7 +29,7 @@ from .models.configuration import DeepseekV2Config, DeepseekVLV2Config
 from .models.cache import cache_capacity
 from .models.tiling import tiles_and_tokens
 from .options import add_dtype_option, add_model_option, loading_flags
-from .quantization.config import SHORT_FORMS
+from .quantization.config import SHORT_FORMS, DeepseekVL2QuantizationConfig
 from .utils.checkpoint import looks_like_hub_id
 from .utils.checks import pick_dtype
 from .utils.dtypes import parse_dtype
@@ -360,6 +360,33 @@ class MemoryPlan:
         return _report(self)
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What both plans read from their arguments, checked: the model's config and name, the dtype and the prompt."""
+
+    config: DeepseekVLV2Config
+    name: str
+    dtype: torch.dtype
+    image_size: tuple[int, int]
+    tiles: int
+    image_tokens: int
+    prompt_tokens: int
+    context_tokens: int
+
+    @classmethod
+    def read(cls, model, images: int, image_size, text_tokens: int, max_new_tokens: int, dtype) -> _Request:
+        config = model if isinstance(model, DeepseekVLV2Config) else load_config(model)
+        name = (config.name_or_path or "model") if isinstance(model, DeepseekVLV2Config) else str(model)
+        dtype = parse_dtype(dtype)
+        image_size = parse_image_size(image_size)
+        if min(text_tokens, max_new_tokens) < 0:
+            raise ValueError(f"token counts must be >= 0, got {text_tokens} text and {max_new_tokens} new tokens")
+        tiles, image_tokens = image_tiles_and_tokens(config, image_size, images)
+        prompt_tokens = max(text_tokens + image_tokens, 1)
+        return cls(config, name, dtype, image_size, tiles, image_tokens, prompt_tokens,
+                   prompt_tokens + max_new_tokens)  # fmt: skip
+
+
 def plan_memory(
     model: str | os.PathLike | DeepseekVLV2Config,
     gpu_memory: int | str,
@@ -378,18 +405,13 @@ def plan_memory(
     ``model`` is a hub id, a checkpoint folder, a config.json path or a config. ``cpu_memory`` bounds
     the weights offloaded to RAM (default: as much as needed); beyond it they go to disk.
     """
-    config = model if isinstance(model, DeepseekVLV2Config) else load_config(model)
-    name = (config.name_or_path or "model") if isinstance(model, DeepseekVLV2Config) else str(model)
-    dtype = parse_dtype(dtype)
+    request = _Request.read(model, images, image_size, text_tokens, max_new_tokens, dtype)
     gpu_memory = parse_bytes(gpu_memory)
-    image_size = parse_image_size(image_size)
     if not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
-    if min(text_tokens, max_new_tokens) < 0:
-        raise ValueError(f"token counts must be >= 0, got {text_tokens} text and {max_new_tokens} new tokens")
-    tiles, image_tokens = image_tiles_and_tokens(config, image_size, images)
-    prompt_tokens = max(text_tokens + image_tokens, 1)
-    context_tokens = prompt_tokens + max_new_tokens
+    config, dtype, tiles, prompt_tokens, context_tokens = (
+        request.config, request.dtype, request.tiles, request.prompt_tokens, request.context_tokens
+    )  # fmt: skip
     language = config.language_config
 
     meta = meta_model(config, dtype)
@@ -419,14 +441,14 @@ def plan_memory(
     max_memory["cpu"] = total if cpu_memory is None else parse_bytes(cpu_memory)
     device_map = auto_device_map(meta, max_memory)
     return MemoryPlan(
-        model=name,
+        model=request.name,
         dtype=str(dtype).removeprefix("torch."),
         parameters=sum(p.numel() for p in meta.parameters()),
         weights=weights,
         images=images,
-        image_size=image_size,
+        image_size=request.image_size,
         image_tiles=tiles,
-        image_tokens=image_tokens,
+        image_tokens=request.image_tokens,
         prompt_tokens=prompt_tokens,
         context_tokens=context_tokens,
         kv_bytes_per_token=kv_per_token,
@@ -511,36 +533,32 @@ def plan_cpu_memory(
 ) -> CpuPlan:
     """Plan one request on CPU with ``ram`` of memory, the weights as ``quantization`` stores them ("int8",
     "int4" or a ``DeepseekVL2QuantizationConfig``; None: the model dtype)."""
-    from .quantization.config import DeepseekVL2QuantizationConfig
     from .quantization.selection import quantize_modules
 
-    config = model if isinstance(model, DeepseekVLV2Config) else load_config(model)
-    name = (config.name_or_path or "model") if isinstance(model, DeepseekVLV2Config) else str(model)
-    dtype = parse_dtype(dtype)
-    tiles, image_tokens = image_tiles_and_tokens(config, parse_image_size(image_size), images)
-    prompt_tokens = max(text_tokens + image_tokens, 1)
-    language = config.language_config
-    meta = meta_model(config, dtype)
+    request = _Request.read(model, images, image_size, text_tokens, max_new_tokens, dtype)
+    language, dtype = request.config.language_config, request.dtype
+    meta = meta_model(request.config, dtype)
     if isinstance(quantization, str):
         quantization = DeepseekVL2QuantizationConfig.from_short_form(quantization)
     if quantization is not None:
         quantize_modules(meta, quantization)
     peak = max(
-        vision_peak(config, tiles, prompt_tokens, dtype),
-        decoder_prefill_peak(language, prompt_tokens, None, dtype, device="cpu"),
-        decode_peak(language, prompt_tokens, prompt_tokens + max_new_tokens, dtype),
+        vision_peak(request.config, request.tiles, request.prompt_tokens, dtype),
+        decoder_prefill_peak(language, request.prompt_tokens, None, dtype, device="cpu"),
+        decode_peak(language, request.prompt_tokens, request.context_tokens, dtype),
     )
     return CpuPlan(
-        model=name,
+        model=request.name,
         dtype=str(dtype).removeprefix("torch."),
         quantization=None if quantization is None else f"int{quantization.bits}",
         weights=weight_bytes(meta),
-        prompt_tokens=prompt_tokens,
-        kv_cache=kv_cache_bytes_per_token(language, dtype) * (prompt_tokens + max_new_tokens),
+        prompt_tokens=request.prompt_tokens,
+        kv_cache=kv_cache_bytes_per_token(language, dtype) * request.context_tokens,
         activation_peak=peak,
         reuse_budget=default_reuse_budget(language, dtype),
         ram=parse_bytes(ram),
     )
+
 
 @contextmanager
 def _quiet(logger_name: str):
@@ -641,7 +659,8 @@ def _report(plan: MemoryPlan) -> str:
         f"  prompt          {prompt}",
         f"  context         {plan.context_tokens} tokens with the answer",
         f"  KV cache        {_size(plan.kv_bytes_per_token)} per token, {_size(plan.kv_cache)} for the context",
-        f"  reuse           {_size(plan.reuse_budget)} kept between turns, besides the peaks (KV of {REUSE_CONTEXTS} full contexts)",
+        f"  reuse           {_size(plan.reuse_budget)} kept between turns, besides the peaks "
+        f"(KV of {REUSE_CONTEXTS} full contexts)",
         "  peaks above the weights (with the prompt's embeddings and KV cache):",
         f"    prefill, one pass       {_size(plan.prefill_peak)}",
     ]
@@ -721,33 +740,22 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    request = {
+        "images": args.images,
+        "image_size": args.image_size,
+        "text_tokens": args.text_tokens,
+        "max_new_tokens": args.max_new_tokens,
+    }
     try:
         if args.quantize and not args.ram:
             raise ValueError("--quantize plans a CPU load (quantized models run on CPU): give --ram, not --gpu-memory")
+        dtype = pick_dtype(args.dtype)
         if args.ram:
-            plan = plan_cpu_memory(
-                args.model_path,
-                args.ram,
-                quantization=args.quantize,
-                images=args.images,
-                image_size=args.image_size,
-                text_tokens=args.text_tokens,
-                max_new_tokens=args.max_new_tokens,
-                dtype=pick_dtype(args.dtype),
+            plan = plan_cpu_memory(args.model_path, args.ram, quantization=args.quantize, dtype=dtype, **request)
+        else:
+            plan = plan_memory(
+                args.model_path, args.gpu_memory, gpus=args.gpus, cpu_memory=args.cpu_memory, dtype=dtype, **request
             )
-            print(plan.to_json() if args.json else plan.report())
-            return 0
-        plan = plan_memory(
-            args.model_path,
-            args.gpu_memory,
-            gpus=args.gpus,
-            images=args.images,
-            image_size=args.image_size,
-            text_tokens=args.text_tokens,
-            max_new_tokens=args.max_new_tokens,
-            dtype=pick_dtype(args.dtype),
-            cpu_memory=args.cpu_memory,
-        )
     except (ValueError, OSError) as error:
         print(f"deepseek-vl2 plan: error: {error}", file=sys.stderr)
         return 2
