@@ -39,8 +39,10 @@ def check_checkpoint_location(name_or_path: str | os.PathLike, required_file: st
         raise FileNotFoundError(f"{where} is not a DeepSeek-VL2 checkpoint folder: it has no {required_file}")
 
 
-
 _MADV_DONTNEED = 4
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+if _LIBC is not None:
+    _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 class PageReleaser:
@@ -71,9 +73,9 @@ def own_mapped_weights(model: torch.nn.Module) -> None:
     releaser = PageReleaser()
     for module in model.modules():
         for tensors in (module._parameters, module._buffers):
-            for key, tensor in tensors.items():
+            for tensor in tensors.values():
                 if tensor is not None and tensor.device.type == "cpu" and not tensor.untyped_storage().resizable():
-                    tensors[key].data = tensor.data.clone()
+                    tensor.data = tensor.data.clone()
                     releaser.read(tensor.numel() * tensor.element_size())
     release_checkpoint_pages()
 
@@ -85,12 +87,10 @@ def release_checkpoint_pages() -> None:
     from the file when it is next used, so a clean page loses nothing, while a page that was read once
     (a per-expert tensor already stacked into new memory) stops counting against the process.
     """
-    if sys.platform != "linux":
+    if _LIBC is None:
         return
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     for start, end in _clean_safetensors_mappings():
-        madvise(start, end - start, _MADV_DONTNEED)
+        _LIBC.madvise(start, end - start, _MADV_DONTNEED)
 
 
 def _clean_safetensors_mappings() -> list[tuple[int, int]]:
