@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from test_model import encode, generation_kwargs, picture
 from transformers import BitsAndBytesConfig
 
@@ -22,7 +23,15 @@ from deepseek_vl2.quantization import (
     QuantizedExperts,
     QuantizedLinear,
 )
-from deepseek_vl2.quantization.packing import pack_int4, unpack_int4
+from deepseek_vl2.quantization.modules import QuantizedWeights
+from deepseek_vl2.quantization.packing import (
+    INT4_LAYOUTS,
+    UNRECORDED_INT4_LAYOUT,
+    machine_int4_layout,
+    pack_int4,
+    repack_int4,
+    unpack_int4,
+)
 from deepseek_vl2.quantization.selection import quantization_targets
 
 CPU = torch.device("cpu")
@@ -45,12 +54,22 @@ def fill(module, float_module) -> None:
                 getattr(module, stored_name).copy_(tensor)
 
 
-@pytest.mark.parametrize("rows", [32, 48, 16, 1792])
+@pytest.mark.parametrize("rows", [32, 48, 16, 1792, 80])
 def test_int4_packing_is_the_cpu_kernels_own(rows):
     levels = torch.randint(0, 16, (rows, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(rows))
     packed = pack_int4(levels.to(torch.uint8))
     assert torch.equal(packed, torch._convert_weight_to_int4pack_for_cpu(levels, 1))
     assert torch.equal(unpack_int4(packed), levels.to(torch.uint8))
+
+
+@pytest.mark.parametrize("layout", INT4_LAYOUTS, ids=lambda layout: layout.name)
+def test_every_int4_layout_unpacks_what_it_packs_and_repacks_into_this_machines(layout):
+    levels = torch.randint(0, 16, (3, 176, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    packed = pack_int4(levels, layout)
+    assert torch.equal(unpack_int4(packed, layout), levels)
+    assert torch.equal(repack_int4(packed, layout), pack_int4(levels))
+    others = [pack_int4(levels, other) for other in INT4_LAYOUTS if other != layout]
+    assert not any(torch.equal(packed, other) for other in others), "the layouts differ"
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -150,7 +169,9 @@ def test_save_and_reload_give_the_same_tensors_and_tokens(quantized, checkpoint_
     model = quantized("tiny", "int4")
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert saved == {"quant_method": "deepseek_vl2_weight_only", "bits": 4, "group_size": 32, "quantize_vision": False}
+    layout = machine_int4_layout().name
+    expected = {"quant_method": "deepseek_vl2_weight_only", "bits": 4, "group_size": 32, "quantize_vision": False}
+    assert saved == {**expected, "int4_layout": layout}
     with safe_open(tmp_path / "model.safetensors", "pt") as stored:
         assert stored.get_slice("language.model.layers.1.mlp.experts.gate_up_proj").get_dtype() == "U8"
     reloaded = DeepseekVLV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()  # this folder only
@@ -165,6 +186,32 @@ def test_save_and_reload_give_the_same_tensors_and_tokens(quantized, checkpoint_
             m.generate(**{k: inputs[k] for k in INPUTS}, **generation_kwargs(processor)) for m in (model, reloaded)
         ]
     assert tokens[0].tolist() == tokens[1].tolist()
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "saved-before-layouts-were-recorded"])
+def test_an_int4_checkpoint_packed_on_another_kind_of_cpu_loads_repacked(quantized, tmp_path, recorded):
+    model = quantized("tiny", "int4")
+    model.save_pretrained(tmp_path)
+    other = next(layout for layout in INT4_LAYOUTS if layout != machine_int4_layout())
+    other = other if recorded else UNRECORDED_INT4_LAYOUT
+    config_file = tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+    if recorded:
+        config["quantization_config"]["int4_layout"] = other.name
+    else:
+        del config["quantization_config"]["int4_layout"]
+    config_file.write_text(json.dumps(config))
+    stored = load_file(tmp_path / "model.safetensors")
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedWeights):
+            for tensor_name in module.quantized_names:
+                key = f"{name}.{tensor_name}"
+                stored[key] = pack_int4(unpack_int4(stored[key]), other)
+    save_file(stored, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded = DeepseekVLV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    state, state_again = model.state_dict(), reloaded.state_dict()
+    assert all(torch.equal(state[name], state_again[name]) for name in state)
+    assert reloaded.config.quantization_config.to_dict()["int4_layout"] == machine_int4_layout().name
 
 
 @pytest.mark.parametrize("setting", ["int8", "int4"])

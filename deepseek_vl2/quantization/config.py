@@ -9,6 +9,8 @@ from __future__ import annotations
 from transformers.quantizers.auto import register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .packing import UNRECORDED_INT4_LAYOUT, Int4Layout, machine_int4_layout
+
 QUANT_METHOD = "deepseek_vl2_weight_only"
 BITS = (8, 4)
 # Group sizes the CPU int4 kernel takes (``_weight_int4pack_mm_for_cpu``).
@@ -28,11 +30,21 @@ class DeepseekVL2QuantizationConfig(QuantizationConfigMixin):
     zero point per ``group_size`` input channels. ``quantize_vision`` also quantizes the vision tower's
     linear layers (kept in the model dtype by default: they are a small share of the bytes and run once
     per image, not once per token).
+
+    ``int4_layout`` is not a setting but a fact about stored int4 tensors (see ``packing.Int4Layout``): the
+    layout a saved checkpoint's bytes are in; None for this machine's, which quantizing and loading give.
     """
 
-    def __init__(self, bits: int = 8, group_size: int | None = None, quantize_vision: bool = False):
+    def __init__(
+        self,
+        bits: int = 8,
+        group_size: int | None = None,
+        quantize_vision: bool = False,
+        int4_layout: str | None = None,
+    ):
         self.quant_method = QUANT_METHOD
         self.bits, self.group_size, self.quantize_vision = bits, group_size, quantize_vision
+        self.int4_layout = None if int4_layout is None else Int4Layout.named(int4_layout)
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
         if self.bits == 8 and self.group_size is not None:
@@ -59,10 +71,17 @@ class DeepseekVL2QuantizationConfig(QuantizationConfigMixin):
         return {"bits": self.bits, "group_size": self.group_size, "quantize_vision": self.quantize_vision}
 
     def to_dict(self) -> dict:
-        return {"quant_method": QUANT_METHOD, **self.settings()}
+        if self.bits != 4:
+            return {"quant_method": QUANT_METHOD, **self.settings()}
+        return {"quant_method": QUANT_METHOD, **self.settings(), "int4_layout": self.stored_int4_layout().name}
+
+    def stored_int4_layout(self) -> Int4Layout:
+        return self.int4_layout or machine_int4_layout()
 
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
         settings = {key: value for key, value in {**config_dict, **kwargs}.items() if key != "quant_method"}
+        if settings.get("bits") == 4 and "int4_layout" not in settings:  # saved before layouts were recorded
+            settings["int4_layout"] = UNRECORDED_INT4_LAYOUT.name
         config = cls(**settings)
         return (config, {}) if return_unused_kwargs else config

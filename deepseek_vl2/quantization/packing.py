@@ -8,15 +8,47 @@ are rounded, so that :func:`dequantize` gives exactly the values the kernels mul
 - int8: symmetric, one scale per output channel (``_weight_int8pack_mm``).
 - int4: asymmetric, one scale and one zero point per group of input channels per output channel, with
   ``w = (q - 8) * scale + zero`` (``_weight_int4pack_mm_for_cpu``), packed two values a byte in that
-  kernel's blocked layout (see :func:`pack_int4`).
+  kernel's blocked layout, which depends on the CPU (see :class:`Int4Layout`).
 """
 
 from __future__ import annotations
 
+from functools import cache
+from typing import NamedTuple
+
 import torch
 
-INT4_ROW_BLOCK = 32  # the CPU int4 kernel's output-channel tile: two 16-row halves share each byte
-INT4_ROW_MULTIPLE = 16  # its packing wants the output channels in whole 16-row tiles (the tail tile is 16 rows)
+INT4_ROW_MULTIPLE = 16  # the int4 kernel wants the output channels in whole 16-row tiles
+
+
+class Int4Layout(NamedTuple):
+    """How the CPU int4 kernel lays out a weight: output channels in blocks of ``block_rows``, input by input.
+
+    PyTorch's packing follows the vector width it was dispatched to (blocks of 64 rows with AVX-512, 32
+    with AVX2). In a whole block with ``halves``, byte ``(k, j)`` holds row ``j`` (low nibble) and row
+    ``j + block_rows / 2`` (high nibble) of input ``k``; a last, shorter block, and every block without
+    ``halves``, holds rows ``2j`` and ``2j + 1``. The bytes are only right for a machine of the same
+    layout: a saved checkpoint records its layout, and loading repacks where this machine's differs.
+    """
+
+    block_rows: int
+    halves: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.block_rows}-{'halves' if self.halves else 'pairs'}"
+
+    @classmethod
+    def named(cls, name: str) -> "Int4Layout":
+        for layout in INT4_LAYOUTS:
+            if layout.name == name:
+                return layout
+        raise ValueError(f"unknown int4 layout {name!r}; known: {', '.join(layout.name for layout in INT4_LAYOUTS)}")
+
+
+INT4_LAYOUTS = (Int4Layout(64, True), Int4Layout(32, True), Int4Layout(32, False), Int4Layout(16, False))
+# What checkpoints saved before layouts were recorded hold: this module then always packed AVX2's way.
+UNRECORDED_INT4_LAYOUT = Int4Layout(32, True)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,35 +72,73 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return pack_int4(quantized), scales_and_zeros
 
 
-def pack_int4(levels: torch.Tensor) -> torch.Tensor:
-    """Pack 4-bit levels [..., out, in] (0..15) as ``_convert_weight_to_int4pack_for_cpu`` does, two a byte.
+def pack_int4(levels: torch.Tensor, layout: Int4Layout | None = None) -> torch.Tensor:
+    """Pack 4-bit levels [..., out, in] (0..15) two a byte in ``layout`` (this machine's by default).
 
-    Per tile of 32 output channels, byte ``(k, j)`` holds channel ``j`` (low nibble) and ``16 + j`` (high
-    nibble) of input ``k``; a last tile of 16 channels holds channels ``2j`` and ``2j + 1``. Written here
-    (it is checked against the op in the tests) because the op takes one int32 matrix at a time.
+    Written here, not left to ``_convert_weight_to_int4pack_for_cpu``, because that op takes one int32
+    matrix at a time and only this machine's layout; :func:`machine_int4_layout` checks the two agree.
     """
+    layout = layout or machine_int4_layout()
     *lead, rows, columns = levels.shape
-    full = rows // INT4_ROW_BLOCK * INT4_ROW_BLOCK
-    tiles = levels[..., :full, :].reshape(*lead, full // INT4_ROW_BLOCK, 2, 16, columns).transpose(-1, -2)
-    parts = [(tiles[..., 0, :, :] | tiles[..., 1, :, :] << 4).reshape(*lead, -1)]
+    block, full = layout.block_rows, rows // layout.block_rows * layout.block_rows
+    blocks = levels[..., :full, :].reshape(*lead, full // block, block, columns)
+    if layout.halves:
+        low, high = blocks.transpose(-1, -2).chunk(2, dim=-1)  # [..., blocks, in, block / 2] each
+        parts = [(low | high << 4).reshape(*lead, -1)]
+    else:
+        parts = [_pack_pairs(blocks).reshape(*lead, -1)]
     if rows > full:
-        tail = levels[..., full:, :].transpose(-1, -2).reshape(*lead, columns, 8, 2)
-        parts.append((tail[..., 0] | tail[..., 1] << 4).reshape(*lead, -1))
+        parts.append(_pack_pairs(levels[..., full:, :]))
     return torch.cat(parts, dim=-1).reshape(*lead, rows, columns // 2)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The 4-bit levels [..., out, in] of a :func:`pack_int4` result."""
+def _pack_pairs(rows: torch.Tensor) -> torch.Tensor:
+    """Rows [..., n, in] as bytes [..., in * n / 2], input by input, rows ``2j`` and ``2j + 1`` in byte ``j``."""
+    pairs = rows.transpose(-1, -2).unflatten(-1, (-1, 2))
+    return (pairs[..., 0] | pairs[..., 1] << 4).flatten(-2)
+
+
+def unpack_int4(packed: torch.Tensor, layout: Int4Layout | None = None) -> torch.Tensor:
+    """The 4-bit levels [..., out, in] of a :func:`pack_int4` result in ``layout`` (this machine's by default)."""
+    layout = layout or machine_int4_layout()
     *lead, rows, half = packed.shape
     columns = 2 * half
     flat = packed.reshape(*lead, -1)
-    full = rows // INT4_ROW_BLOCK * INT4_ROW_BLOCK
-    tiles = flat[..., : full * half].reshape(*lead, full // INT4_ROW_BLOCK, columns, 16)
-    parts = [torch.stack((tiles & 15, tiles >> 4), dim=-3).transpose(-1, -2).reshape(*lead, full, columns)]
+    block, full = layout.block_rows, rows // layout.block_rows * layout.block_rows
+    blocks = flat[..., : full * half].reshape(*lead, full // block, columns, block // 2)
+    if layout.halves:
+        parts = [torch.cat((blocks & 15, blocks >> 4), dim=-1).transpose(-1, -2).reshape(*lead, full, columns)]
+    else:
+        parts = [_unpack_pairs(blocks).reshape(*lead, full, columns)]
     if rows > full:
-        tail = flat[..., full * half :].reshape(*lead, columns, 8)
-        parts.append(torch.stack((tail & 15, tail >> 4), dim=-1).reshape(*lead, columns, 16).transpose(-1, -2))
+        parts.append(_unpack_pairs(flat[..., full * half :].reshape(*lead, columns, -1)))
     return torch.cat(parts, dim=-2)
+
+
+def _unpack_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """Bytes [..., in, n / 2] of :func:`_pack_pairs` -> rows [..., n, in]."""
+    return torch.stack((pairs & 15, pairs >> 4), dim=-1).flatten(-2).transpose(-1, -2)
+
+
+def repack_int4(packed: torch.Tensor, stored: Int4Layout) -> torch.Tensor:
+    """``packed`` (in ``stored`` layout) in this machine's layout."""
+    machine = machine_int4_layout()
+    return packed if stored == machine else pack_int4(unpack_int4(packed, stored), machine)
+
+
+@cache
+def machine_int4_layout() -> Int4Layout:
+    """The layout this machine's int4 kernel reads, found by packing a probe matrix with PyTorch's own op."""
+    rows = 2 * 64 + 48  # whole blocks and a short last one, in every layout
+    levels = torch.randint(0, 16, (rows, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    expected = torch._convert_weight_to_int4pack_for_cpu(levels, 1)
+    for layout in INT4_LAYOUTS:
+        if torch.equal(pack_int4(levels.to(torch.uint8), layout), expected):
+            return layout
+    raise RuntimeError(
+        f"this PyTorch ({torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}) packs "
+        "int4 weights in a layout deepseek_vl2 does not know: int4 cannot run here; use int8"
+    )
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from ..models.language import StackExperts
 from .config import QUANT_METHOD, DeepseekVL2QuantizationConfig
 from .modules import SCALE_SUFFIX, QuantizedExperts, QuantizedWeights
 from .packing import empty_quantized, quantize
-from .selection import quantize_modules
+from .selection import quantize_modules, repack_model
 
 # The converters that stack the published per-expert tensors (``models.language.expert_weight_conversions``).
 EXPERT_TARGETS = {(f"mlp.experts.{name}",) for name in QuantizedExperts.quantized_names}
@@ -90,7 +90,16 @@ class DeepseekVL2Quantizer(HfQuantizer):
             choose_weight_only(torch.device(place), self.quantization_config.bits)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            self.quantization_config.int4_layout = None  # what quantizing here packs in
         quantize_modules(model, self.quantization_config)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        """Loaded int4 bytes packed on a machine of another layout are repacked in this machine's."""
+        config = self.quantization_config
+        if config.bits == 4 and config.int4_layout is not None:
+            repack_model(model, config.int4_layout)
+            config.int4_layout = None
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, tensor_name = get_module_from_name(model, param_name)

@@ -14,8 +14,8 @@ from torch import nn
 
 from ..models.language import DeepseekV2Experts
 from .config import DeepseekVL2QuantizationConfig
-from .modules import QuantizedExperts, QuantizedLinear
-from .packing import int4_shape_problem
+from .modules import QuantizedExperts, QuantizedLinear, QuantizedWeights
+from .packing import Int4Layout, int4_shape_problem, repack_int4
 
 KEPT_LINEARS = ("kv_b_proj",)
 
@@ -93,3 +93,13 @@ def quantize_in_place(model: nn.Module, config: DeepseekVL2QuantizationConfig) -
         _swap(model, name, replacement)
     model.config.quantization_config = config
     model.is_quantized = True
+
+
+@torch.no_grad()
+def repack_model(model: nn.Module, stored: Int4Layout) -> None:
+    """Repack every int4 tensor of ``model`` from the ``stored`` layout into this machine's, in place."""
+    for module in model.modules():
+        if isinstance(module, QuantizedWeights) and module.bits == 4:
+            for name in module.quantized_names:
+                packed = getattr(module, name)
+                packed.copy_(repack_int4(packed, stored))
