@@ -214,6 +214,34 @@ def test_an_int4_checkpoint_packed_on_another_kind_of_cpu_loads_repacked(quantiz
     assert reloaded.config.quantization_config.to_dict()["int4_layout"] == machine_int4_layout().name
 
 
+QUANTIZE_AND_SAVE = """
+import sys
+import torch
+from deepseek_vl2.models import DeepseekVLV2ForCausalLM
+from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
+from deepseek_vl2.quantization.packing import machine_int4_layout
+config = DeepseekVL2QuantizationConfig(bits=4, group_size=32)
+model = DeepseekVLV2ForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, quantization_config=config)
+model.save_pretrained(sys.argv[2])
+print(machine_int4_layout().name)
+"""
+
+
+def test_an_int4_checkpoint_saved_by_a_process_on_another_vector_width_loads_the_same(
+    quantized, checkpoint_dir, tmp_path
+):
+    """PyTorch's dispatch is forced to another CPU capability in a child process, as on another machine."""
+    other = "default" if machine_int4_layout().name == "32-halves" else "avx2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": other}
+    command = [sys.executable, "-c", QUANTIZE_AND_SAVE, str(checkpoint_dir("tiny")), str(tmp_path)]
+    layout = subprocess.run(command, capture_output=True, text=True, check=True, env=env, cwd=ROOT).stdout.split()[-1]
+    assert layout != machine_int4_layout().name
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["int4_layout"] == layout
+    reloaded = DeepseekVLV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    state, state_again = quantized("tiny", "int4").state_dict(), reloaded.state_dict()
+    assert all(torch.equal(state[name], state_again[name]) for name in state)
+
+
 @pytest.mark.parametrize("setting", ["int8", "int4"])
 def test_a_row_decodes_alone_as_inside_a_batch(quantized, checkpoint_dir, setting):
     model = quantized("tiny", setting)
