@@ -31,6 +31,7 @@ import platform
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from deepseek_vl2.chat import DeepseekVL2Chat
-from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor, kernels
 from deepseek_vl2.models.language import DeepseekV2MoE
 from deepseek_vl2.models.tiling import num_tiles
 from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
@@ -626,6 +627,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--quantize", choices=tuple(SHORT_FORMS), help="quantize the decoder's weights (in place, after building)"
     )
+    parser.add_argument(
+        "--kernel_choice", choices=["timed", "rules"], default="timed",
+        help="kernels timed on first use (the default) or the fixed rules alone, to compare the two",
+    )  # fmt: skip
     parser.add_argument("--new_tokens", type=int, default=32, help="tokens generated per run (at least 2)")
     parser.add_argument("--text_tokens", type=int, default=218, help="prompt length of the text workload")
     parser.add_argument(
@@ -648,6 +653,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
+    kernels.time_kernels(args.kernel_choice == "timed")
 
     machine = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -714,6 +720,8 @@ def main(argv=None) -> dict:
             "experts_implementation": decoder._experts_implementation,
             "load_s": load_seconds,
         },
+        "kernels": kernels.TIMER.choices() if args.kernel_choice == "timed" else "rules",
+        "kernel_timings": [dataclasses.asdict(m) for m in kernels.TIMER.measurements],
         "results": rows,
         "prefill_memory": prefill_memory_rows,
         "chat_turns": chat_rows,
@@ -722,6 +730,10 @@ def main(argv=None) -> dict:
     print(table(rows))
     if chat_rows:
         print(table(chat_rows, CHAT_COLUMNS))
+    if args.kernel_choice == "timed":
+        print("\nkernels chosen (timed on first use, or kept from an earlier run on this machine):")
+        for key, kernel in sorted(kernels.TIMER.choices().items()):
+            print(f"  {key}: {kernel}")
     for row in prefill_memory_rows:
         print(f"decoder prefill tensor peak, {row['workload']} x{row['batch']}: whole {row['whole_gb'] * 1024:.0f} MB, "
               f"chunks of {row['chunk_size']} {row['chunked_gb'] * 1024:.0f} MB ({-row['reduction']:+.0%})")  # fmt: skip

@@ -1,11 +1,16 @@
 """Shared fixtures: small random-weight checkpoints in the published on-disk format, built once."""
 
+import os
 import signal
 
-import pytest
-import torch
+# Timed kernel choices stay in each test process (and its children), out of the user's cache; set before
+# deepseek_vl2 is imported, as its timer reads it then.
+os.environ["DEEPSEEK_VL2_KERNEL_CACHE"] = ""
 
-from deepseek_vl2.testing.checkpoints import build_checkpoint
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from deepseek_vl2.testing.checkpoints import build_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +94,4 @@ def endless_checkpoint_dir(tmp_path_factory):
     tensors[name][DeepseekVLV2Processor.from_pretrained(path).tokenizer.eos_token_id] = 0.0
     save_file(tensors, shard, metadata={"format": "pt"})
     return path
+

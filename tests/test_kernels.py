@@ -1,15 +1,29 @@
-"""The per-device kernel choices: what ``choose`` answers, and how the chosen matrix-product kernel is run."""
+"""The per-device kernel choices: what ``choose`` answers, timed or by rule, and how the chosen kernel is run."""
+
+import json
+import time
 
 import pytest
 import torch
 
-from deepseek_vl2.models.kernels import MAX_GATHERED_EXPERTS, MAX_PAIRS_IN_PLACE, Kernel, Op, choose, matmuls_on
+from deepseek_vl2.models import kernels
+from deepseek_vl2.models.kernel_timing import KernelTimer, machine_key
+from deepseek_vl2.models.kernels import (
+    MAX_GATHERED_EXPERTS,
+    MAX_PAIRS_IN_PLACE,
+    MAX_TIMED_ROWS,
+    Kernel,
+    Op,
+    choose,
+    matmuls_on,
+    product_trial,
+)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU is needed to ask
 BF16 = torch.bfloat16
 
 
-def test_one_row_products_on_cpu_run_on_pytorch_gemv():
+def test_untimed_one_row_products_on_cpu_run_on_pytorch_gemv():
     assert choose(Op.MATMUL, CPU, BF16, 1) is Kernel.NATIVE_GEMV
     assert choose(Op.MATMUL, CPU, BF16, 2) is Kernel.TORCH_DEFAULT
     assert choose(Op.MATMUL, CUDA, BF16, 1) is Kernel.TORCH_DEFAULT
@@ -52,3 +66,102 @@ def test_matmul_kernels_switch_onednn_and_restore_the_users_setting(user_setting
 def test_only_matmul_kernels_run_matrix_products():
     with pytest.raises(ValueError, match="not a matrix-product kernel"):
         matmuls_on(Kernel.SDPA)
+
+
+CANDIDATES = (Kernel.TORCH_DEFAULT, Kernel.NATIVE_GEMV)
+
+
+def sleeping(seconds: dict):
+    """A trial that takes ``seconds[kernel]``, and the list of the kernels it ran."""
+    ran = []
+
+    def trial(kernel):
+        ran.append(kernel)
+        time.sleep(seconds[kernel])
+
+    return trial, ran
+
+
+def measure_with(trial):
+    return lambda: kernels.time_candidates(CANDIDATES, trial)
+
+
+def test_the_clearly_faster_candidate_is_chosen_and_remembered():
+    timer = KernelTimer(None)
+    trial, ran = sleeping({Kernel.TORCH_DEFAULT: 0.02, Kernel.NATIVE_GEMV: 0.002})
+    assert timer.choose("k", CANDIDATES, measure_with(trial)) is Kernel.NATIVE_GEMV
+    assert set(ran) == set(CANDIDATES) and len(ran) >= 4, "each candidate warmed up, then timed"
+    assert timer.choose("k", CANDIDATES, lambda: pytest.fail("timed twice")) is Kernel.NATIVE_GEMV
+    (measurement,) = timer.measurements
+    assert measurement.chosen == "native_gemv" and measurement.seconds["torch_default"] > 0.02
+
+
+def test_within_the_margin_the_originals_call_is_kept():
+    trial, _ = sleeping({Kernel.TORCH_DEFAULT: 0.01, Kernel.NATIVE_GEMV: 0.0095})
+    assert KernelTimer(None).choose("k", CANDIDATES, measure_with(trial)) is Kernel.TORCH_DEFAULT
+
+
+def test_choices_are_kept_on_disk_per_machine(tmp_path):
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps({"another machine": {"k": "torch_default"}}))
+    trial, _ = sleeping({Kernel.TORCH_DEFAULT: 0.02, Kernel.NATIVE_GEMV: 0.002})
+    assert KernelTimer(path).choose("k", CANDIDATES, measure_with(trial)) is Kernel.NATIVE_GEMV
+    stored = json.loads(path.read_text())
+    assert stored == {"another machine": {"k": "torch_default"}, machine_key(): {"k": "native_gemv"}}
+    later = KernelTimer(path)  # another process on this machine
+    assert later.choose("k", CANDIDATES, lambda: pytest.fail("timed again")) is Kernel.NATIVE_GEMV
+    assert later.measurements == []
+
+
+def test_an_unreadable_choices_file_is_timed_again_and_rewritten(tmp_path):
+    path = tmp_path / "choices.json"
+    path.write_text("{not json")
+    trial, ran = sleeping({Kernel.TORCH_DEFAULT: 0.001, Kernel.NATIVE_GEMV: 0.02})
+    assert KernelTimer(path).choose("k", CANDIDATES, measure_with(trial)) is Kernel.TORCH_DEFAULT
+    assert ran and json.loads(path.read_text()) == {machine_key(): {"k": "torch_default"}}
+
+
+@pytest.fixture
+def fresh_timer(monkeypatch):
+    """``kernels`` with a timer and memo of its own, so that the test sees its own timings."""
+    timer = KernelTimer(None)
+    monkeypatch.setattr(kernels, "TIMER", timer)
+    monkeypatch.setattr(kernels, "_chosen", {})
+    return timer
+
+
+def test_bf16_products_on_cpu_are_timed_once_on_their_shapes(fresh_timer):
+    shapes = [(96, 64), (96, 64), (64, 96)]
+    kernel = choose(Op.MATMUL, CPU, BF16, 1, shapes)
+    assert kernel in CANDIDATES
+    assert choose(Op.MATMUL, CPU, BF16, 1, shapes) is kernel
+    (measurement,) = fresh_timer.measurements
+    assert measurement.key.startswith("matmul bfloat16 size 1 shapes [((64, 96), 1), ((96, 64), 2)]")
+    assert set(measurement.seconds) == {"torch_default", "native_gemv"}
+
+
+def test_rules_decide_where_nothing_is_timed(fresh_timer):
+    shapes = [(96, 64)]
+    assert choose(Op.MATMUL, CPU, torch.float32, 1, shapes) is Kernel.NATIVE_GEMV  # one BLAS call either way
+    assert choose(Op.MATMUL, CUDA, BF16, 1, shapes) is Kernel.TORCH_DEFAULT
+    assert choose(Op.MATMUL, CPU, BF16, MAX_TIMED_ROWS + 1, shapes) is Kernel.TORCH_DEFAULT
+    assert choose(Op.MATMUL, CPU, BF16, 1) is Kernel.NATIVE_GEMV  # no shapes: nothing to time on
+    assert choose(Op.EXPERTS, CPU, BF16, MAX_PAIRS_IN_PLACE + 1, shapes, trial=pytest.fail) is Kernel.SORTED
+    assert fresh_timer.measurements == []
+
+
+@pytest.mark.parametrize(
+    ("op", "size", "shape"),
+    [
+        (Op.MATMUL, 2, (48, 32)),
+        (Op.ONE_QUERY_SCORES, 4, (6, 256, 16)),
+        (Op.ONE_QUERY_VALUES, 1, (6, 256, 16)),
+        (Op.LATENT_QUERY, 1, (2, 4, 16, 32)),
+    ],
+)
+def test_each_timed_product_runs_on_both_kernels(op, size, shape):
+    setting = torch.backends.mkldnn.enabled
+    trial = product_trial(op, BF16, size, shape)
+    for kernel in kernels._TIMED[op][0]:
+        trial(kernel)
+    assert torch.backends.mkldnn.enabled is setting

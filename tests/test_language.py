@@ -13,6 +13,7 @@ import deepseek_vl2.models.cache as cache_module
 import deepseek_vl2.models.kernels as kernels
 import deepseek_vl2.models.language as language
 from deepseek_vl2.models.cache import cache_capacity
+from deepseek_vl2.models.kernel_timing import KernelTimer
 from deepseek_vl2.models.kernels import Kernel, Op
 from deepseek_vl2.models.language import (
     DeepseekV2Cache,
@@ -514,7 +515,7 @@ def test_bf16_one_token_decode_is_as_close_to_float32_as_the_plain_path(name, mo
         expected = exact(ids).logits[:, 7:]
     fast = last_token_logits(DeepseekV2Cache(config=model.config))
     plain = {Op.MATMUL: Kernel.TORCH_DEFAULT, Op.ATTENTION: Kernel.SDPA}  # no GEMV switch, no one-query attention
-    monkeypatch.setattr(language, "choose", lambda op, *args: plain[op] if op in plain else kernels.choose(op, *args))
+    monkeypatch.setattr(language, "choose", lambda op, *args, **kw: plain.get(op) or kernels.choose(op, *args, **kw))
     plain = last_token_logits(DynamicCache(config=model.config))
     plain_error = (plain - expected).abs().max()
     assert 0 < plain_error < 0.1  # bfloat16 rounding, for scale
@@ -699,6 +700,23 @@ def test_experts_on_cpu_read_weights_in_place(monkeypatch):
     x, index = torch.randn(4, config.hidden_size), torch.randint(0, 8, (4, 3))
     with torch.no_grad():
         experts(x, index, torch.rand(4, 3))
+
+
+def test_bf16_experts_decode_path_is_timed_on_the_call_and_both_paths_agree(monkeypatch):
+    config, experts = make_experts()
+    experts.to(torch.bfloat16)
+    timer = KernelTimer(None)
+    monkeypatch.setattr(kernels, "TIMER", timer)
+    monkeypatch.setattr(kernels, "_chosen", {})
+    x, index, weights = torch.randn(2, 64).to(torch.bfloat16), torch.tensor([[0, 3, 5], [5, 6, 7]]), torch.rand(2, 3)
+    with torch.no_grad():
+        out = experts(x, index, weights)
+        each, by_expert = (experts._run(path, x, index, weights) for path in (Kernel.EACH_PAIR, Kernel.SORTED))
+    measured = {m.key.split(" shapes")[0]: m for m in timer.measurements}
+    assert set(measured) == {"experts bfloat16 size 6", "matmul bfloat16 size 1"}, "the pairs' products timed too"
+    chosen = Kernel(measured["experts bfloat16 size 6"].chosen)
+    assert torch.equal(out, {Kernel.EACH_PAIR: each, Kernel.SORTED: by_expert}[chosen])
+    torch.testing.assert_close(each, by_expert, rtol=0, atol=2e-2)
 
 
 def count_host_syncs(monkeypatch):

@@ -1,0 +1,138 @@
+"""Timing kernel candidates on first use: the fastest is kept for the process and, by default, on disk.
+
+Which PyTorch kernel multiplies one row by a bf16 matrix fastest differs between CPUs (PyTorch's GEMV
+beats oneDNN on an AVX-512 EPYC; oneDNN wins on an AMX Xeon, except for the LM head), so ``kernels``
+asks a :class:`KernelTimer` instead of a fixed rule. The disk file keeps choices per machine (CPU model,
+vector extensions, torch version), so that later processes skip the timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+CACHE_ENV = "DEEPSEEK_VL2_KERNEL_CACHE"  # the JSON file of kept choices; empty: keep them for the process only
+DEFAULT_CACHE = Path("~/.cache/deepseek_vl2/kernel-choices.json")
+# Another candidate must beat the first (the original's own call) by this share to be chosen: within
+# noise, the call that gives the original's bits wins.
+MARGIN = 0.10
+REPEATS = 3
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timing: what was timed, each candidate's best time (seconds), and the kernel chosen."""
+
+    key: str
+    seconds: dict[str, float]
+    chosen: str
+
+
+@cache
+def machine_key() -> str:
+    """What the speed order of kernels depends on, besides shapes and threads: the CPU, its vector units, torch."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name":
+                model = value.strip()
+            elif name.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    features = "+".join(f for f in CPU_FEATURES if f in flags) or torch.backends.cpu.get_cpu_capability()
+    return f"{model} | {features} | torch {torch.__version__}"
+
+
+def time_candidates(candidates: Sequence, trial: Callable[[object], object], repeats: int = REPEATS) -> dict:
+    """Best wall time of ``trial(candidate)`` per candidate, after one warm-up each, interleaved."""
+    best = dict.fromkeys(candidates, float("inf"))
+    for candidate in candidates:
+        trial(candidate)
+    for _ in range(repeats):
+        for candidate in candidates:
+            start = time.perf_counter()
+            trial(candidate)
+            best[candidate] = min(best[candidate], time.perf_counter() - start)
+    return best
+
+
+def fastest(seconds: dict):
+    """The first candidate unless another is faster by more than :data:`MARGIN`."""
+    first = next(iter(seconds))
+    winner = min(seconds, key=seconds.get)
+    return winner if seconds[winner] < (1 - MARGIN) * seconds[first] else first
+
+
+class KernelTimer:
+    """Times candidates once per key and remembers the winner (by value), in memory and in ``path``."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.measurements: list[Measurement] = []
+        self._chosen: dict[str, str] | None = None
+        self._lock = threading.RLock()  # a measurement may ask for another choice (the experts, their products)
+
+    def choose(self, key: str, candidates: Sequence, measure: Callable[[], dict]):
+        """The remembered winner for ``key``, or ``measure()`` the candidates' seconds now and keep the winner."""
+        by_value = {candidate.value: candidate for candidate in candidates}
+        with self._lock:
+            chosen = self._kept().get(key)
+            if chosen not in by_value:
+                seconds = measure()
+                chosen = fastest(seconds).value
+                self.measurements.append(Measurement(key, {c.value: s for c, s in seconds.items()}, chosen))
+                self._kept()[key] = chosen
+                self._save()
+            return by_value[chosen]
+
+    def choices(self) -> dict[str, str]:
+        """What is kept for this machine: kernel by key, timed in this process or read from the file."""
+        with self._lock:
+            return dict(self._kept())
+
+    def _kept(self) -> dict[str, str]:
+        if self._chosen is None:
+            self._chosen = self._read().get(machine_key(), {})
+        return self._chosen
+
+    def _read(self) -> dict:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            stored = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # unreadable: timed again, and rewritten
+        return stored if isinstance(stored, dict) else {}
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        stored = self._read()
+        stored[machine_key()] = self._chosen
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps(stored, indent=1, sort_keys=True))
+            partial.replace(self.path)
+        except OSError:
+            self.path = None  # a read-only home: keep choices for this process only
+
+
+def default_timer() -> KernelTimer:
+    """The process's timer, keeping choices where :data:`CACHE_ENV` says (by default :data:`DEFAULT_CACHE`)."""
+    setting = os.environ.get(CACHE_ENV)
+    if setting is None:
+        return KernelTimer(DEFAULT_CACHE.expanduser())
+    return KernelTimer(Path(setting).expanduser() if setting else None)
