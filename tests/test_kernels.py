@@ -11,12 +11,10 @@ from deepseek_vl2.models.kernel_timing import KernelTimer, machine_key
 from deepseek_vl2.models.kernels import (
     MAX_GATHERED_EXPERTS,
     MAX_PAIRS_IN_PLACE,
-    MAX_TIMED_ROWS,
     Kernel,
     Op,
     choose,
     matmuls_on,
-    product_trial,
 )
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU is needed to ask
@@ -130,38 +128,24 @@ def fresh_timer(monkeypatch):
     return timer
 
 
-def test_bf16_products_on_cpu_are_timed_once_on_their_shapes(fresh_timer):
-    shapes = [(96, 64), (96, 64), (64, 96)]
-    kernel = choose(Op.MATMUL, CPU, BF16, 1, shapes)
-    assert kernel in CANDIDATES
-    assert choose(Op.MATMUL, CPU, BF16, 1, shapes) is kernel
+def test_a_trial_on_the_callers_operands_is_timed_once(fresh_timer):
+    trial, ran = sleeping({Kernel.SORTED: 0.02, Kernel.EACH_PAIR: 0.002})
+    assert choose(Op.EXPERTS, CPU, BF16, 6, [(64, 32)], trial=trial) is Kernel.EACH_PAIR
+    assert choose(Op.EXPERTS, CPU, BF16, 6, [(64, 32)], trial=pytest.fail) is Kernel.EACH_PAIR
     (measurement,) = fresh_timer.measurements
-    assert measurement.key.startswith("matmul bfloat16 size 1 shapes [((64, 96), 1), ((96, 64), 2)]")
-    assert set(measurement.seconds) == {"torch_default", "native_gemv"}
+    assert measurement.key.startswith("experts bfloat16 size 6 shapes [(64, 32)]") and len(ran) >= 4
 
 
 def test_rules_decide_where_nothing_is_timed(fresh_timer):
-    shapes = [(96, 64)]
-    assert choose(Op.MATMUL, CPU, torch.float32, 1, shapes) is Kernel.NATIVE_GEMV  # one BLAS call either way
-    assert choose(Op.MATMUL, CUDA, BF16, 1, shapes) is Kernel.TORCH_DEFAULT
-    assert choose(Op.MATMUL, CPU, BF16, MAX_TIMED_ROWS + 1, shapes) is Kernel.TORCH_DEFAULT
-    assert choose(Op.MATMUL, CPU, BF16, 1) is Kernel.NATIVE_GEMV  # no shapes: nothing to time on
+    shapes = [(64, 32)]
+    assert choose(Op.EXPERTS, CPU, torch.float32, 6, shapes, trial=pytest.fail) is Kernel.EACH_PAIR
     assert choose(Op.EXPERTS, CPU, BF16, MAX_PAIRS_IN_PLACE + 1, shapes, trial=pytest.fail) is Kernel.SORTED
+    assert choose(Op.EXPERTS, CUDA, BF16, 6, shapes, trial=pytest.fail) is Kernel.GATHERED
+    assert choose(Op.EXPERTS, CPU, BF16, 6) is Kernel.EACH_PAIR  # no trial: nothing to time
+    assert choose(Op.MATMUL, CPU, BF16, 1, shapes, trial=pytest.fail) is Kernel.NATIVE_GEMV  # products: by rule
+    kernels.time_kernels(False)
+    try:
+        assert choose(Op.EXPERTS, CPU, BF16, 12, shapes, trial=pytest.fail) is Kernel.EACH_PAIR
+    finally:
+        kernels.time_kernels(True)
     assert fresh_timer.measurements == []
-
-
-@pytest.mark.parametrize(
-    ("op", "size", "shape"),
-    [
-        (Op.MATMUL, 2, (48, 32)),
-        (Op.ONE_QUERY_SCORES, 4, (6, 256, 16)),
-        (Op.ONE_QUERY_VALUES, 1, (6, 256, 16)),
-        (Op.LATENT_QUERY, 1, (2, 4, 16, 32)),
-    ],
-)
-def test_each_timed_product_runs_on_both_kernels(op, size, shape):
-    setting = torch.backends.mkldnn.enabled
-    trial = product_trial(op, BF16, size, shape)
-    for kernel in kernels._TIMED[op][0]:
-        trial(kernel)
-    assert torch.backends.mkldnn.enabled is setting

@@ -1,9 +1,9 @@
 """Timing kernel candidates on first use: the fastest is kept for the process and, by default, on disk.
 
-Which PyTorch kernel multiplies one row by a bf16 matrix fastest differs between CPUs (PyTorch's GEMV
-beats oneDNN on an AVX-512 EPYC; oneDNN wins on an AMX Xeon, except for the LM head), so ``kernels``
-asks a :class:`KernelTimer` instead of a fixed rule. The disk file keeps choices per machine (CPU model,
-vector extensions, torch version), so that later processes skip the timing.
+Which path runs a decode step's routed experts fastest (one product per pair, or one per expert over its
+pairs) depends on the CPU and on how many pairs share an expert, so ``kernels`` asks a
+:class:`KernelTimer`, which times the candidates on the call itself. The disk file keeps choices per
+machine (CPU model, vector extensions, torch version), so that later processes skip the timing.
 """
 
 from __future__ import annotations

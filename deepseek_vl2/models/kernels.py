@@ -1,17 +1,15 @@
 """Which kernel runs each of the decoder's hot operations, on which device, in which dtype, at which size.
 
-The model asks :func:`choose` ("which kernel for this op, device, dtype and size, on operands of these
-shapes?") and runs the kernel it names; nothing else decides. Where the fastest kernel differs between
-CPUs (one-token and few-token products, one-query attention, the experts' path for a decode step), the
-candidates are timed on first use on operands of those shapes (``kernel_timing``); elsewhere, and where
-timing would take too long, fixed rules read the device and the size. The generic kernels chosen
-between live here too (the experts' own loops are methods of their module).
+The model asks :func:`choose` ("which kernel for this op, device, dtype and size?") and runs the kernel it
+names; nothing else decides. Where the caller can run the op again on its own operands (the routed
+experts of a decode step: a pure function of the step's tokens), the candidates are timed on that first
+call (``kernel_timing``) and the winner kept. Elsewhere fixed rules read the device and the size: timing a
+product apart from the step it belongs to misleads (see ``_matmul``), and a step cannot be run twice.
+The generic kernels chosen between live here too (the experts' own loops are methods of their module).
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from enum import Enum
@@ -27,13 +25,6 @@ from .kernel_timing import default_timer, time_candidates
 # which beats one small matrix product per expert up to a few rows per expert.
 MAX_GATHERED_EXPERTS = 16
 MAX_PAIRS_IN_PLACE = 32
-# Products of up to this many rows are timed; wider ones run on oneDNN's tiled product (PyTorch's GEMV
-# would re-read the weights for every row).
-MAX_TIMED_ROWS = 4
-# Timing copies of an operand up to this many bytes, so that they are read from memory, as a decode step
-# reads weights, not from the cache where one copy would stay.
-PROBE_BYTES = 256 * 2**20
-MAX_PROBE_COPIES = 64
 
 
 class Op(Enum):
@@ -66,9 +57,10 @@ MATMUL_KERNELS = (Kernel.TORCH_DEFAULT, Kernel.NATIVE_GEMV, Kernel.ONEDNN)
 
 
 def _matmul(device: torch.device, dtype: torch.dtype, rows: int) -> Kernel:
-    """Untimed, one row on CPU: PyTorch's GEMV, which on CPUs without AMX streams the weights near the
-    memory bandwidth where oneDNN's bf16 matmul stays below it (and in float32 both are one BLAS call).
-    Wider products: as PyTorch dispatches them (oneDNN, the faster one there)."""
+    """One row on CPU: PyTorch's GEMV (in float32 both are one BLAS call). It streams bf16 weights near the
+    memory bandwidth on an AVX2 EPYC where oneDNN stays far below; on an AMX Xeon oneDNN reads faster in
+    a loop over one shape, yet whole decode steps run slower with it (benchmarks/README.md), so the rule
+    holds there too. Wider products: as PyTorch dispatches them (oneDNN, the faster one there)."""
     return Kernel.NATIVE_GEMV if device.type == "cpu" and rows == 1 else Kernel.TORCH_DEFAULT
 
 
@@ -79,8 +71,8 @@ def _attention(device: torch.device, dtype: torch.dtype, queries: int) -> Kernel
 
 
 def _one_query_scores(device: torch.device, dtype: torch.dtype, group: int) -> Kernel:
-    """Untimed: PyTorch's GEMV for one query row per key head (faster than oneDNN on CPUs without AMX),
-    oneDNN for several rows."""
+    """PyTorch's GEMV scores one query row per key head faster than oneDNN on an AVX2 EPYC (a tie within
+    whole decode steps on an AMX Xeon); oneDNN is the faster one for several rows."""
     return Kernel.ONEDNN if group > 1 else Kernel.NATIVE_GEMV
 
 
@@ -118,16 +110,10 @@ _RULES: dict[Op, Callable[[torch.device, torch.dtype, int], Kernel]] = {
 _WEIGHT_ONLY: dict[tuple[str, int], Kernel] = {("cpu", 8): Kernel.INT8_WEIGHT_ONLY, ("cpu", 4): Kernel.INT4_WEIGHT_ONLY}
 
 
-# Where kernels are timed: the candidates, the original's own call first (kept when the others are not
-# clearly faster), and the largest size timed. float32 is never timed: both matmul kernels are one BLAS call.
-_TIMED: dict[Op, tuple[tuple[Kernel, ...], int]] = {
-    Op.MATMUL: ((Kernel.TORCH_DEFAULT, Kernel.NATIVE_GEMV), MAX_TIMED_ROWS),
-    Op.ONE_QUERY_SCORES: ((Kernel.ONEDNN, Kernel.NATIVE_GEMV), math.inf),
-    Op.ONE_QUERY_VALUES: ((Kernel.ONEDNN, Kernel.NATIVE_GEMV), math.inf),
-    Op.LATENT_QUERY: ((Kernel.ONEDNN, Kernel.NATIVE_GEMV), 1),
-    Op.EXPERTS: ((Kernel.SORTED, Kernel.EACH_PAIR), MAX_PAIRS_IN_PLACE),
-}
-TIMED_DTYPES = (torch.bfloat16, torch.float16)
+# Where kernels are timed (on the caller's own trial): the candidates, the original's own call first
+# (kept when the others are not clearly faster), and the largest size timed.
+_TIMED: dict[Op, tuple[tuple[Kernel, ...], int]] = {Op.EXPERTS: ((Kernel.SORTED, Kernel.EACH_PAIR), MAX_PAIRS_IN_PLACE)}
+TIMED_DTYPES = (torch.bfloat16, torch.float16)  # in float32 the candidates' products are the same BLAS calls
 TIMER = default_timer()
 _chosen: dict[tuple, Kernel] = {}  # by the question asked: choosing again costs one dict lookup
 _timing = True
@@ -150,8 +136,8 @@ def choose(
 ) -> Kernel:
     """The kernel to run ``op`` with, on ``device`` in ``dtype``, for ``size`` as :class:`Op` counts it.
 
-    ``shapes`` are the operands' (see :func:`product_trial`; repeated as often as a step runs them), or
-    the key of a ``trial`` that runs the op itself with a given kernel; without either, the rule decides.
+    ``trial(kernel)`` runs the op on the caller's operands, whose ``shapes`` key the choice; without a
+    trial, or where the op is not timed, the rule decides.
     """
     question = (op, device.type, dtype, size, tuple(shapes), torch.get_num_threads())
     kernel = _chosen.get(question)
@@ -163,61 +149,11 @@ def choose(
 def _answer(op, device, dtype, size, shapes, trial) -> Kernel:
     candidates, largest = _TIMED.get(op, ((), 0))
     timed = _timing and candidates and device.type == "cpu" and dtype in TIMED_DTYPES and size <= largest
-    if not timed or not shapes:
+    if not timed or trial is None:
         return _RULES[op](device, dtype, size)
-    counts = sorted(Counter(shapes).items())
     dtype_name, threads = str(dtype).removeprefix("torch."), torch.get_num_threads()
-    key = f"{op.value} {dtype_name} size {size} shapes {counts} {threads} threads"
-
-    def measure() -> dict[Kernel, float]:
-        if trial is not None:
-            return time_candidates(candidates, trial)
-        totals = dict.fromkeys(candidates, 0.0)
-        for shape, count in counts:
-            for kernel, seconds in time_candidates(candidates, product_trial(op, dtype, size, shape)).items():
-                totals[kernel] += count * seconds
-        return totals
-
-    return TIMER.choose(key, candidates, measure)
-
-
-def product_trial(op: Op, dtype: torch.dtype, size: int, shape: tuple[int, ...]) -> Callable[[Kernel], None]:
-    """A trial of ``op``'s product on copies of its operand of ``shape``, with filler values.
-
-    MATMUL: a weight ``(out, in)`` times ``size`` rows. ONE_QUERY_SCORES / VALUES: keys or values
-    ``(batch x kv heads, positions, dim)`` against ``size`` query heads per key head. LATENT_QUERY:
-    ``(batch, heads, nope, rank)``, one query position per head times its ``[nope, rank]`` matrix.
-    """
-    if op is Op.LATENT_QUERY:
-        batch, *shape = shape
-    copies = max(1, min(MAX_PROBE_COPIES, PROBE_BYTES // (math.prod(shape) * dtype.itemsize)))
-    operands = [torch.full(shape, 0.01, dtype=dtype) for _ in range(copies)]
-    if op is Op.MATMUL:
-        left, product = torch.full((size, shape[1]), 0.01, dtype=dtype), F.linear
-    elif op is Op.ONE_QUERY_SCORES:
-        left, product = torch.full((shape[0], size, shape[2]), 0.01, dtype=dtype), _scores
-    elif op is Op.ONE_QUERY_VALUES:
-        left, product = torch.full((shape[0], size, shape[1]), 0.01, dtype=dtype), torch.matmul
-    elif op is Op.LATENT_QUERY:
-        left, product = torch.full((batch, shape[0], size, shape[1]), 0.01, dtype=dtype), torch.matmul
-    else:
-        raise ValueError(f"{op} has no product to time on its own")
-
-    def run(kernel: Kernel) -> None:
-        with matmuls_on(kernel):
-            for operand in operands:
-                product(left, operand)
-
-    return run
-
-
-def _scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    return torch.matmul(queries, keys.transpose(-1, -2))
-
-
-def positions_bucket(positions: int) -> int:
-    """The cache length one-query attention is timed at: the next power of two, at least 256."""
-    return max(256, 1 << (positions - 1).bit_length())
+    key = f"{op.value} {dtype_name} size {size} shapes {list(shapes)} {threads} threads"
+    return TIMER.choose(key, candidates, lambda: time_candidates(candidates, trial))
 
 
 def choose_weight_only(device: torch.device, bits: int) -> Kernel:
@@ -300,12 +236,10 @@ def attend_one_query(queries, keys, value, attention_mask, scale) -> torch.Tenso
     batch, heads = queries[0].shape[:2]
     kv_heads = keys[0].shape[1]
     group = heads // kv_heads
-    rows, positions = batch * kv_heads, positions_bucket(value.shape[-2])
-    score_shapes = [(rows, positions, key.shape[-1]) for key in keys]
     scores = None
-    with matmuls_on(choose(Op.ONE_QUERY_SCORES, value.device, value.dtype, group, score_shapes)):
+    with matmuls_on(choose(Op.ONE_QUERY_SCORES, value.device, value.dtype, group)):
         for query, key in zip(queries, keys):
-            part = _scores(query.reshape(batch, kv_heads, group, -1) * scale, key)
+            part = torch.matmul(query.reshape(batch, kv_heads, group, -1) * scale, key.transpose(-1, -2))
             scores = part if scores is None else scores + part
     scores = scores.view(batch, heads, 1, -1)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
@@ -313,7 +247,6 @@ def attend_one_query(queries, keys, value, attention_mask, scale) -> torch.Tenso
     elif attention_mask is not None:
         scores = scores + attention_mask
     probs = scores.float().softmax(dim=-1).to(value.dtype).view(batch, kv_heads, group, -1)
-    value_shapes = [(rows, positions, value.shape[-1])]
-    with matmuls_on(choose(Op.ONE_QUERY_VALUES, value.device, value.dtype, group, value_shapes)):
+    with matmuls_on(choose(Op.ONE_QUERY_VALUES, value.device, value.dtype, group)):
         output = torch.matmul(probs, value)
     return output.view(batch, heads, 1, -1)

@@ -293,9 +293,8 @@ class DeepseekV2LatentAttention(nn.Module):
         """The same attention with ``kv_b_proj`` absorbed: q_nope.W_k scores the latent, W_v maps the result."""
         kv_b = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_key, w_value = kv_b.split([self.nope_dim, self.v_dim], dim=1)
-        batch, _, queries, _ = q_nope.shape
-        shapes = [(batch, *w_key.shape)]
-        with matmuls_on(choose(Op.LATENT_QUERY, q_nope.device, q_nope.dtype, queries, shapes)):
+        queries = q_nope.shape[2]
+        with matmuls_on(choose(Op.LATENT_QUERY, q_nope.device, q_nope.dtype, queries)):
             q_latent = torch.matmul(q_nope, w_key)  # [batch, heads, seq, rank]
         one_query = choose(Op.ATTENTION, q_latent.device, q_latent.dtype, queries) is Kernel.ONE_QUERY
         if one_query and not self.training:  # only SDPA has dropout
@@ -387,7 +386,8 @@ class DeepseekV2Experts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """[tokens, hidden] routed by ``top_k_index``/``top_k_weights`` [tokens, top_k] -> [tokens, hidden].
 
-        The path (pair by pair in place, gathered weights, or sorted segments) is chosen by ``kernels``.
+        The path (pair by pair in place, gathered weights, or sorted segments) is chosen by ``kernels``, which
+        may time the candidates on this call (it is a pure function of its inputs).
         """
         pairs, shapes = top_k_index.numel(), [tuple(self.gate_up_proj.shape[1:])]
 
@@ -401,17 +401,13 @@ class DeepseekV2Experts(nn.Module):
             return self._run_sorted(hidden_states, top_k_index, top_k_weights)
         if path is Kernel.EACH_PAIR:
             device, dtype = hidden_states.device, hidden_states.dtype
-            with matmuls_on(choose(Op.MATMUL, device, dtype, 1, self._product_shapes())):  # one row per pair
+            with matmuls_on(choose(Op.MATMUL, device, dtype, 1)):  # each pair's products have one row
                 expert_outputs = self._run_each(hidden_states, top_k_index)
         else:
             expert_outputs = self._run_gathered(hidden_states, top_k_index)
         # Weighted sum in the routing weights' float32, as the original (the multiply does the upcast).
         weighted = expert_outputs.view(*top_k_index.shape, -1) * top_k_weights.unsqueeze(-1)
         return weighted.sum(dim=1).to(hidden_states.dtype)
-
-    def _product_shapes(self) -> list[tuple[int, int]]:
-        """The shapes of one expert's matrix products (what their kernel is timed on)."""
-        return [tuple(self.gate_up_proj.shape[1:]), tuple(self.down_proj.shape[1:])]
 
     def _gate_up(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
         """``tokens`` through one expert's gate and up projections, its weights read in place."""
@@ -592,11 +588,6 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
-def float_linear_shapes(modules) -> list[tuple[int, ...]]:
-    """Weight shapes of the float ``nn.Linear`` layers among ``modules`` (quantized ones run other kernels)."""
-    return [tuple(m.weight.shape) for m in modules if isinstance(m, nn.Linear) and m.weight.is_floating_point()]
-
-
 class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin):
     """The decoder with its LM head; generates through transformers' ``GenerationMixin``."""
 
@@ -610,14 +601,6 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
-
-    def _layer_product_shapes(self) -> list[tuple[int, ...]]:
-        """The float weight products of a decoder layer (the last, a MoE one): what the body's kernel is timed on.
-
-        MLA's ``kv_b_proj`` is left out: a decode step folds it into the attention instead of running it.
-        """
-        layer = self.model.layers[-1]
-        return float_linear_shapes(m for name, m in layer.named_modules() if not name.endswith("kv_b_proj"))
 
     def set_input_embeddings(self, value: nn.Embedding):
         self.model.embed_tokens = value
@@ -645,7 +628,7 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
         tokens = input_ids if inputs_embeds is None else inputs_embeds
         num_tokens = tokens.shape[:2].numel() if tokens is not None else 0
         weight = self.lm_head.weight
-        with matmuls_on(choose(Op.MATMUL, weight.device, weight.dtype, num_tokens, self._layer_product_shapes())):
+        with matmuls_on(choose(Op.MATMUL, weight.device, weight.dtype, num_tokens)):
             outputs = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -654,10 +637,7 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
             )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        rows, head_shapes = hidden_states.shape[:2].numel(), float_linear_shapes([self.lm_head])
-        with matmuls_on(choose(Op.MATMUL, weight.device, weight.dtype, rows, head_shapes)):
-            logits = self.lm_head(hidden_states)
+            logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -83,9 +83,6 @@ class QuantizedExperts(QuantizedWeights, DeepseekV2Experts):
         for name in self.quantized_names:
             self._make_quantized(name, getattr(like, name))
 
-    def _product_shapes(self) -> list[tuple[int, int]]:
-        return []  # the weight-only kernels do not run on the matrix-product kernels chosen between
-
     def _gate_up(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
         kernel = choose_weight_only(tokens.device, self.bits)
         return weight_only_linear(
