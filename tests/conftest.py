@@ -3,8 +3,9 @@
 import os
 import signal
 
-# Timed kernel choices stay in each test process (and its children), out of the user's cache; set before
-# deepseek_vl2 is imported, as its timer reads it then.
+# No kernel is timed, so that a test's bf16 runs all use the same kernels (the tests of timing turn it on),
+# and timed choices stay out of the user's cache; set before deepseek_vl2 is imported, which reads them.
+os.environ["DEEPSEEK_VL2_KERNEL_TIMING"] = "0"
 os.environ["DEEPSEEK_VL2_KERNEL_CACHE"] = ""
 
 import pytest  # noqa: E402

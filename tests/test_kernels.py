@@ -6,8 +6,11 @@ import time
 import pytest
 import torch
 
+from test_language import CONFIGS, make_model, random_ids
+
 from deepseek_vl2.models import kernels
-from deepseek_vl2.models.kernel_timing import KernelTimer, machine_key
+from deepseek_vl2.models.cache import DeepseekV2Cache
+from deepseek_vl2.models.kernel_timing import STEP_ORDER, KernelTimer, StepTuning, machine_key
 from deepseek_vl2.models.kernels import (
     MAX_GATHERED_EXPERTS,
     MAX_PAIRS_IN_PLACE,
@@ -121,11 +124,12 @@ def test_an_unreadable_choices_file_is_timed_again_and_rewritten(tmp_path):
 
 @pytest.fixture
 def fresh_timer(monkeypatch):
-    """``kernels`` with a timer and memo of its own, so that the test sees its own timings."""
+    """``kernels`` timing (off in the other tests), with a timer and memo of its own."""
     timer = KernelTimer(None)
     monkeypatch.setattr(kernels, "TIMER", timer)
-    monkeypatch.setattr(kernels, "_chosen", {})
-    return timer
+    kernels.time_kernels(True)
+    yield timer
+    kernels.time_kernels(False)
 
 
 def test_a_trial_on_the_callers_operands_is_timed_once(fresh_timer):
@@ -133,7 +137,7 @@ def test_a_trial_on_the_callers_operands_is_timed_once(fresh_timer):
     assert choose(Op.EXPERTS, CPU, BF16, 6, [(64, 32)], trial=trial) is Kernel.EACH_PAIR
     assert choose(Op.EXPERTS, CPU, BF16, 6, [(64, 32)], trial=pytest.fail) is Kernel.EACH_PAIR
     (measurement,) = fresh_timer.measurements
-    assert measurement.key.startswith("experts bfloat16 size 6 shapes [(64, 32)]") and len(ran) >= 4
+    assert measurement.key.startswith("experts size 6 shapes [(64, 32)] bfloat16") and len(ran) >= 4
 
 
 def test_rules_decide_where_nothing_is_timed(fresh_timer):
@@ -144,8 +148,59 @@ def test_rules_decide_where_nothing_is_timed(fresh_timer):
     assert choose(Op.EXPERTS, CPU, BF16, 6) is Kernel.EACH_PAIR  # no trial: nothing to time
     assert choose(Op.MATMUL, CPU, BF16, 1, shapes, trial=pytest.fail) is Kernel.NATIVE_GEMV  # products: by rule
     kernels.time_kernels(False)
-    try:
-        assert choose(Op.EXPERTS, CPU, BF16, 12, shapes, trial=pytest.fail) is Kernel.EACH_PAIR
-    finally:
-        kernels.time_kernels(True)
+    assert choose(Op.EXPERTS, CPU, BF16, 12, shapes, trial=pytest.fail) is Kernel.EACH_PAIR
     assert fresh_timer.measurements == []
+
+
+def run_steps(tuning, seconds_by_answer, steps):
+    """``steps`` steps that ask ``q`` (rule "a", other "b") and take the time given for the answer they got."""
+    answers = []
+    for _ in range(steps):
+        answers.append(tuning.answer("q", "a", "b"))
+        tuning.step_done(seconds_by_answer[answers[-1]])
+    return answers
+
+
+def test_a_question_is_settled_on_interleaved_steps_and_kept():
+    timer = KernelTimer(None)
+    tuning = StepTuning(timer, "steps: ")
+    answers = run_steps(tuning, {"a": 0.010, "b": 0.008}, 1 + len(STEP_ORDER) + 2)
+    assert answers == ["a"] + ["ab"[i] for i in STEP_ORDER] + ["b", "b"], "the rule first, then both in turn"
+    assert tuning.done and timer.choices() == {"steps: q": "b"}
+    (measurement,) = tuning.measurements
+    assert measurement.seconds == {"a": 0.010, "b": 0.008}
+    again = StepTuning(timer, "steps: ")  # a later process on this machine
+    assert run_steps(again, {"a": 0.0, "b": 0.0}, 2) == ["b", "b"] and again.measurements == []
+
+
+def test_a_step_time_within_the_margin_keeps_the_rule():
+    tuning = StepTuning(KernelTimer(None), "steps: ")
+    run_steps(tuning, {"a": 0.0100, "b": 0.0098}, 1 + len(STEP_ORDER))
+    assert tuning.settled == {"q": "a"}
+
+
+def test_decode_steps_settle_each_product_and_attention_kernel(fresh_timer):
+    model = make_model(**CONFIGS["mha_gqa_bias"]).to(torch.bfloat16)
+    cache = DeepseekV2Cache(config=model.config)
+    with torch.no_grad():
+        model(random_ids(1, 6), cache=cache)
+        for _ in range(64):
+            model(random_ids(1, 1), cache=cache)
+    (tuning,) = kernels._tunings.values()
+    assert tuning.done
+    steps = {k.split(": ")[1]: v for k, v in fresh_timer.choices().items() if k.startswith("decode step of 1 rows")}
+    settled = set(steps)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    expected = {"matmul/layers size 1", "matmul/lm_head size 1", "matmul/expert_pairs size 1"}
+    assert settled == expected | {f"one_query_scores size {group}", f"one_query_values size {group}"}
+    assert {steps[q] for q in expected} <= {"torch_default", "native_gemv"}
+    assert {steps[q] for q in settled - expected} <= {"onednn", "native_gemv"}
+
+
+def test_float32_steps_are_not_timed(fresh_timer):
+    model = make_model(**CONFIGS["mha_gqa_bias"])
+    cache = DeepseekV2Cache(config=model.config)
+    with torch.no_grad():
+        model(random_ids(1, 6), cache=cache)
+        model(random_ids(1, 1), cache=cache)
+    assert kernels._tunings == {} and fresh_timer.choices() == {}

@@ -707,14 +707,15 @@ def test_bf16_experts_decode_path_is_timed_on_the_call_and_both_paths_agree(monk
     experts.to(torch.bfloat16)
     timer = KernelTimer(None)
     monkeypatch.setattr(kernels, "TIMER", timer)
+    monkeypatch.setattr(kernels, "_timing", True)  # and off again after the test
     monkeypatch.setattr(kernels, "_chosen", {})
     x, index, weights = torch.randn(2, 64).to(torch.bfloat16), torch.tensor([[0, 3, 5], [5, 6, 7]]), torch.rand(2, 3)
     with torch.no_grad():
         out = experts(x, index, weights)
         each, by_expert = (experts._run(path, x, index, weights) for path in (Kernel.EACH_PAIR, Kernel.SORTED))
-    measured = {m.key.split(" shapes")[0]: m for m in timer.measurements}
-    assert set(measured) == {"experts bfloat16 size 6"}
-    chosen = Kernel(measured["experts bfloat16 size 6"].chosen)
+    (measured,) = timer.measurements
+    assert measured.key.startswith("experts size 6 shapes [(64, 64)] bfloat16")
+    chosen = Kernel(measured.chosen)
     assert torch.equal(out, {Kernel.EACH_PAIR: each, Kernel.SORTED: by_expert}[chosen])
     torch.testing.assert_close(each, by_expert, rtol=0, atol=2e-2)
 

@@ -1,9 +1,12 @@
 """Timing kernel candidates on first use: the fastest is kept for the process and, by default, on disk.
 
-Which path runs a decode step's routed experts fastest (one product per pair, or one per expert over its
-pairs) depends on the CPU and on how many pairs share an expert, so ``kernels`` asks a
-:class:`KernelTimer`, which times the candidates on the call itself. The disk file keeps choices per
-machine (CPU model, vector extensions, torch version), so that later processes skip the timing.
+Which kernel runs a decode step's products fastest (PyTorch's GEMV or oneDNN) depends on the CPU and on
+everything else the step reads: timed apart, in a loop over hot operands, a product misjudges how it runs
+between the step's other reads. So the products' choices are settled on whole decode steps
+(:class:`StepTuning`, one question at a time, the two answers on interleaved steps); what can run twice
+on its own operands (the routed experts' path) is timed on the call itself (:meth:`KernelTimer.choose`).
+The disk file keeps choices per machine (CPU model, vector extensions, torch version), so that later
+processes skip the timing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ DEFAULT_CACHE = Path("~/.cache/deepseek_vl2/kernel-choices.json")
 # noise, the call that gives the original's bits wins.
 MARGIN = 0.10
 REPEATS = 3
+# On whole steps, one question's share of a step is smaller, and medians of interleaved steps steadier.
+STEP_MARGIN = 0.05
+STEP_ORDER = (0, 1, 1, 0, 0, 1)  # rule, other, ...: ABBAAB cancels a steady drift of the step time
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -97,6 +103,12 @@ class KernelTimer:
                 self._save()
             return by_value[chosen]
 
+    def keep(self, key: str, value: str) -> None:
+        """Keep a choice settled elsewhere (on whole steps)."""
+        with self._lock:
+            self._kept()[key] = value
+            self._save()
+
     def choices(self) -> dict[str, str]:
         """What is kept for this machine: kernel by key, timed in this process or read from the file."""
         with self._lock:
@@ -128,6 +140,56 @@ class KernelTimer:
             partial.replace(self.path)
         except OSError:
             self.path = None  # a read-only home: keep choices for this process only
+
+
+class StepTuning:
+    """Settles questions ("which kernel for this product?") on whole steps of one kind, one at a time.
+
+    During a step, :meth:`answer` gives the settled answer, or for the question under test the answer this
+    step tries (the rule or the other, in :data:`STEP_ORDER`), or the rule; :meth:`step_done` records the
+    step's time. After the order, the other answer is kept if its median step is :data:`STEP_MARGIN`
+    faster. Settled answers go to ``timer`` under ``prefix + question``.
+    """
+
+    def __init__(self, timer: KernelTimer, prefix: str):
+        self.timer, self.prefix = timer, prefix
+        self.settled = {
+            key.removeprefix(prefix): value for key, value in timer.choices().items() if key.startswith(prefix)
+        }
+        self.seen: dict[str, tuple[str, str]] = {}  # question -> (rule, other), in the order first asked
+        self.testing: str | None = None
+        self.seconds: tuple[list[float], list[float]] = ([], [])
+        self.measurements: list[Measurement] = []
+
+    def answer(self, question: str, rule: str, other: str) -> str:
+        if question in self.settled:
+            return self.settled[question]
+        self.seen.setdefault(question, (rule, other))
+        if question != self.testing:
+            return rule
+        return self.seen[question][STEP_ORDER[sum(map(len, self.seconds))]]
+
+    def step_done(self, seconds: float) -> None:
+        if self.testing is not None:
+            trial = STEP_ORDER[sum(map(len, self.seconds))]
+            self.seconds[trial].append(seconds)
+            if sum(map(len, self.seconds)) == len(STEP_ORDER):
+                self._settle()
+        if self.testing is None:
+            self.testing = next((q for q in self.seen if q not in self.settled), None)
+
+    def _settle(self) -> None:
+        question, (rule, other) = self.testing, self.seen[self.testing]
+        medians = [sorted(times)[len(times) // 2] for times in self.seconds]
+        chosen = other if medians[1] < (1 - STEP_MARGIN) * medians[0] else rule
+        self.settled[question] = chosen
+        self.measurements.append(Measurement(self.prefix + question, {rule: medians[0], other: medians[1]}, chosen))
+        self.timer.keep(self.prefix + question, chosen)
+        self.testing, self.seconds = None, ([], [])
+
+    @property
+    def done(self) -> bool:
+        return self.testing is None and all(q in self.settled for q in self.seen)
 
 
 def default_timer() -> KernelTimer:

@@ -1,23 +1,28 @@
 """Which kernel runs each of the decoder's hot operations, on which device, in which dtype, at which size.
 
 The model asks :func:`choose` ("which kernel for this op, device, dtype and size?") and runs the kernel it
-names; nothing else decides. Where the caller can run the op again on its own operands (the routed
-experts of a decode step: a pure function of the step's tokens), the candidates are timed on that first
-call (``kernel_timing``) and the winner kept. Elsewhere fixed rules read the device and the size: timing a
-product apart from the step it belongs to misleads (see ``_matmul``), and a step cannot be run twice.
+names; nothing else decides. Fixed rules answer first. On CPU in bf16/fp16 the answers that differ
+between CPUs are then measured (``kernel_timing``): the decode step's products and one-query attention
+on whole decode steps (:func:`decode_step`), trying the rule's answer and the other on interleaved steps;
+the routed experts' path on its first call with that many pairs, which can run twice on its own operands.
 The generic kernels chosen between live here too (the experts' own loops are methods of their module).
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from enum import Enum
 
 import torch
 import torch.nn.functional as F
 
-from .kernel_timing import default_timer, time_candidates
+from .kernel_timing import StepTuning, default_timer, time_candidates
+
+TIMING_ENV = "DEEPSEEK_VL2_KERNEL_TIMING"  # "0": the fixed rules alone decide (no kernel is timed)
 
 # Up to this many (token, expert) pairs the experts run pair by pair (decoding a few sequences). On an
 # accelerator they gather the selected experts' weights (no host sync); beyond this, copying weights costs
@@ -59,8 +64,8 @@ MATMUL_KERNELS = (Kernel.TORCH_DEFAULT, Kernel.NATIVE_GEMV, Kernel.ONEDNN)
 def _matmul(device: torch.device, dtype: torch.dtype, rows: int) -> Kernel:
     """One row on CPU: PyTorch's GEMV (in float32 both are one BLAS call). It streams bf16 weights near the
     memory bandwidth on an AVX2 EPYC where oneDNN stays far below; on an AMX Xeon oneDNN reads faster in
-    a loop over one shape, yet whole decode steps run slower with it (benchmarks/README.md), so the rule
-    holds there too. Wider products: as PyTorch dispatches them (oneDNN, the faster one there)."""
+    a loop over one shape, yet whole decode steps ran slower with it (benchmarks/README.md). Wider
+    products: as PyTorch dispatches them (oneDNN, the faster one there)."""
     return Kernel.NATIVE_GEMV if device.type == "cpu" and rows == 1 else Kernel.TORCH_DEFAULT
 
 
@@ -110,13 +115,23 @@ _RULES: dict[Op, Callable[[torch.device, torch.dtype, int], Kernel]] = {
 _WEIGHT_ONLY: dict[tuple[str, int], Kernel] = {("cpu", 8): Kernel.INT8_WEIGHT_ONLY, ("cpu", 4): Kernel.INT4_WEIGHT_ONLY}
 
 
-# Where kernels are timed (on the caller's own trial): the candidates, the original's own call first
-# (kept when the others are not clearly faster), and the largest size timed.
+# Timed on the caller's own trial: the candidates, the original's own call first (kept when the other is
+# not clearly faster), and the largest size timed.
 _TIMED: dict[Op, tuple[tuple[Kernel, ...], int]] = {Op.EXPERTS: ((Kernel.SORTED, Kernel.EACH_PAIR), MAX_PAIRS_IN_PLACE)}
+# Settled on whole decode steps of up to MAX_STEP_ROWS tokens: the two kernels tried.
+STEP_TIMED: dict[Op, tuple[Kernel, Kernel]] = {
+    Op.MATMUL: (Kernel.TORCH_DEFAULT, Kernel.NATIVE_GEMV),
+    Op.ONE_QUERY_SCORES: (Kernel.ONEDNN, Kernel.NATIVE_GEMV),
+    Op.ONE_QUERY_VALUES: (Kernel.ONEDNN, Kernel.NATIVE_GEMV),
+    Op.LATENT_QUERY: (Kernel.ONEDNN, Kernel.NATIVE_GEMV),
+}
+MAX_STEP_ROWS = 4
 TIMED_DTYPES = (torch.bfloat16, torch.float16)  # in float32 the candidates' products are the same BLAS calls
 TIMER = default_timer()
 _chosen: dict[tuple, Kernel] = {}  # by the question asked: choosing again costs one dict lookup
-_timing = True
+_timing = os.environ.get(TIMING_ENV, "1") != "0"
+_tunings: dict[str, StepTuning] = {}  # by kind of decode step
+_current_step: ContextVar[StepTuning | None] = ContextVar("current_step", default=None)
 
 
 def time_kernels(enabled: bool) -> None:
@@ -124,6 +139,37 @@ def time_kernels(enabled: bool) -> None:
     global _timing
     _timing = enabled
     _chosen.clear()
+    _tunings.clear()
+
+
+def measurements() -> list:
+    """Every timing this process made (``kernel_timing.Measurement``): on calls, then on whole steps."""
+    return TIMER.measurements + [m for tuning in _tunings.values() for m in tuning.measurements]
+
+
+def _timed_here(device: torch.device, dtype: torch.dtype) -> bool:
+    return _timing and device.type == "cpu" and dtype in TIMED_DTYPES
+
+
+def _kind(dtype: torch.dtype, what: str) -> str:
+    return f"{what} {str(dtype).removeprefix('torch.')} {torch.get_num_threads()} threads"
+
+
+@contextmanager
+def decode_step(device: torch.device, dtype: torch.dtype, rows: int) -> Iterator[None]:
+    """A forward of ``rows`` new tokens: where timed, its products' kernels may be under test and its time counts."""
+    if not _timed_here(device, dtype) or rows > MAX_STEP_ROWS:
+        yield
+        return
+    prefix = _kind(dtype, f"decode step of {rows} rows") + ": "
+    tuning = _tunings.get(prefix) or _tunings.setdefault(prefix, StepTuning(TIMER, prefix))
+    token = _current_step.set(tuning)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _current_step.reset(token)
+    tuning.step_done(time.perf_counter() - start)  # not after an error: its time says nothing
 
 
 def choose(
@@ -133,12 +179,20 @@ def choose(
     size: int,
     shapes: Sequence[tuple[int, ...]] = (),
     trial: Callable[[Kernel], object] | None = None,
+    role: str = "",
 ) -> Kernel:
     """The kernel to run ``op`` with, on ``device`` in ``dtype``, for ``size`` as :class:`Op` counts it.
 
-    ``trial(kernel)`` runs the op on the caller's operands, whose ``shapes`` key the choice; without a
-    trial, or where the op is not timed, the rule decides.
+    Inside a timed :func:`decode_step`, products and one-query attention get the step's answer for their
+    ``role`` (which products: the layers', the LM head's, ...). ``trial(kernel)`` runs the op on the
+    caller's operands, whose ``shapes`` key the choice. Otherwise the rule decides.
     """
+    step = _current_step.get()
+    if step is not None and op in STEP_TIMED and (op is not Op.MATMUL or size <= MAX_STEP_ROWS):
+        rule = _RULES[op](device, dtype, size)
+        first, second = STEP_TIMED[op]
+        other = second if rule is first else first
+        return Kernel(step.answer(f"{op.value}{'/' + role if role else ''} size {size}", rule.value, other.value))
     question = (op, device.type, dtype, size, tuple(shapes), torch.get_num_threads())
     kernel = _chosen.get(question)
     if kernel is None:
@@ -148,11 +202,9 @@ def choose(
 
 def _answer(op, device, dtype, size, shapes, trial) -> Kernel:
     candidates, largest = _TIMED.get(op, ((), 0))
-    timed = _timing and candidates and device.type == "cpu" and dtype in TIMED_DTYPES and size <= largest
-    if not timed or trial is None:
+    if not (candidates and _timed_here(device, dtype) and size <= largest and trial is not None):
         return _RULES[op](device, dtype, size)
-    dtype_name, threads = str(dtype).removeprefix("torch."), torch.get_num_threads()
-    key = f"{op.value} {dtype_name} size {size} shapes {list(shapes)} {threads} threads"
+    key = _kind(dtype, f"{op.value} size {size} shapes {list(shapes)}")
     return TIMER.choose(key, candidates, lambda: time_candidates(candidates, trial))
 
 

@@ -27,7 +27,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from ..utils.checkpoint import PageReleaser
 from .cache import BufferedLayer, DeepseekV2Cache, DeepseekV2GenerationMixin  # BufferedLayer: re-exported
 from .configuration import DeepseekV2Config
-from .kernels import Kernel, Op, attend_one_query, choose, matmuls_on, sdpa
+from .kernels import Kernel, Op, attend_one_query, choose, decode_step, matmuls_on, sdpa
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -401,7 +401,7 @@ class DeepseekV2Experts(nn.Module):
             return self._run_sorted(hidden_states, top_k_index, top_k_weights)
         if path is Kernel.EACH_PAIR:
             device, dtype = hidden_states.device, hidden_states.dtype
-            with matmuls_on(choose(Op.MATMUL, device, dtype, 1)):  # each pair's products have one row
+            with matmuls_on(choose(Op.MATMUL, device, dtype, 1, role="expert_pairs")):  # one row per pair
                 expert_outputs = self._run_each(hidden_states, top_k_index)
         else:
             expert_outputs = self._run_gathered(hidden_states, top_k_index)
@@ -628,16 +628,21 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
         tokens = input_ids if inputs_embeds is None else inputs_embeds
         num_tokens = tokens.shape[:2].numel() if tokens is not None else 0
         weight = self.lm_head.weight
-        with matmuls_on(choose(Op.MATMUL, weight.device, weight.dtype, num_tokens)):
-            outputs = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-            )
-            logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        device, dtype = weight.device, weight.dtype
+        with decode_step(device, dtype, num_tokens):
+            with matmuls_on(choose(Op.MATMUL, device, dtype, num_tokens, role="layers")):
+                outputs = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    inputs_embeds=inputs_embeds,
+                    use_cache=use_cache,
+                )
+            hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+            rows = hidden_states.shape[:2].numel()
+            with matmuls_on(choose(Op.MATMUL, device, dtype, rows, role="lm_head")):
+                logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
