@@ -14,6 +14,7 @@ from deepseek_vl2.models.kernel_timing import STEP_ORDER, KernelTimer, StepTunin
 from deepseek_vl2.models.kernels import (
     MAX_GATHERED_EXPERTS,
     MAX_PAIRS_IN_PLACE,
+    MIN_DEQUANTIZED_ROWS,
     Kernel,
     Op,
     choose,
@@ -133,22 +134,24 @@ def fresh_timer(monkeypatch):
 
 
 def test_a_trial_on_the_callers_operands_is_timed_once(fresh_timer):
-    trial, ran = sleeping({Kernel.SORTED: 0.02, Kernel.EACH_PAIR: 0.002})
-    assert choose(Op.EXPERTS, CPU, BF16, 6, [(64, 32)], trial=trial) is Kernel.EACH_PAIR
-    assert choose(Op.EXPERTS, CPU, BF16, 6, [(64, 32)], trial=pytest.fail) is Kernel.EACH_PAIR
+    trial, ran = sleeping({Kernel.WEIGHT_ONLY: 0.02, Kernel.DEQUANTIZED: 0.002})
+    size = MIN_DEQUANTIZED_ROWS
+    assert choose(Op.QUANTIZED_PRODUCT, CPU, BF16, size, [(64, 32)], trial=trial) is Kernel.DEQUANTIZED
+    assert choose(Op.QUANTIZED_PRODUCT, CPU, BF16, size, [(64, 32)], trial=pytest.fail) is Kernel.DEQUANTIZED
     (measurement,) = fresh_timer.measurements
-    assert measurement.key.startswith("experts size 6 shapes [(64, 32)] bfloat16") and len(ran) >= 4
+    assert measurement.key.startswith(f"quantized_product size {size} shapes [(64, 32)] bfloat16") and len(ran) >= 4
 
 
 def test_rules_decide_where_nothing_is_timed(fresh_timer):
-    shapes = [(64, 32)]
-    assert choose(Op.EXPERTS, CPU, torch.float32, 6, shapes, trial=pytest.fail) is Kernel.EACH_PAIR
-    assert choose(Op.EXPERTS, CPU, BF16, MAX_PAIRS_IN_PLACE + 1, shapes, trial=pytest.fail) is Kernel.SORTED
-    assert choose(Op.EXPERTS, CUDA, BF16, 6, shapes, trial=pytest.fail) is Kernel.GATHERED
-    assert choose(Op.EXPERTS, CPU, BF16, 6) is Kernel.EACH_PAIR  # no trial: nothing to time
-    assert choose(Op.MATMUL, CPU, BF16, 1, shapes, trial=pytest.fail) is Kernel.NATIVE_GEMV  # products: by rule
+    shapes, size = [(64, 32)], MIN_DEQUANTIZED_ROWS
+    assert choose(Op.QUANTIZED_PRODUCT, CPU, torch.float32, size, shapes, trial=pytest.fail) is Kernel.WEIGHT_ONLY
+    assert choose(Op.QUANTIZED_PRODUCT, CPU, BF16, size - 1, shapes, trial=pytest.fail) is Kernel.WEIGHT_ONLY
+    assert choose(Op.QUANTIZED_PRODUCT, CUDA, BF16, size, shapes, trial=pytest.fail) is Kernel.WEIGHT_ONLY
+    assert choose(Op.QUANTIZED_PRODUCT, CPU, BF16, size) is Kernel.WEIGHT_ONLY  # no trial: nothing to time
+    assert choose(Op.EXPERTS, CPU, BF16, 6) is Kernel.EACH_PAIR  # outside a decode step: the rule
+    assert choose(Op.MATMUL, CPU, BF16, 1, shapes, trial=pytest.fail) is Kernel.NATIVE_GEMV
     kernels.time_kernels(False)
-    assert choose(Op.EXPERTS, CPU, BF16, 12, shapes, trial=pytest.fail) is Kernel.EACH_PAIR
+    assert choose(Op.QUANTIZED_PRODUCT, CPU, BF16, 2 * size, shapes, trial=pytest.fail) is Kernel.WEIGHT_ONLY
     assert fresh_timer.measurements == []
 
 
@@ -191,10 +194,14 @@ def test_decode_steps_settle_each_product_and_attention_kernel(fresh_timer):
     steps = {k.split(": ")[1]: v for k, v in fresh_timer.choices().items() if k.startswith("decode step of 1 rows")}
     settled = set(steps)
     group = model.config.num_attention_heads // model.config.num_key_value_heads
-    expected = {"matmul/layers size 1", "matmul/lm_head size 1", "matmul/expert_pairs size 1"}
-    assert settled == expected | {f"one_query_scores size {group}", f"one_query_values size {group}"}
-    assert {steps[q] for q in expected} <= {"torch_default", "native_gemv"}
-    assert {steps[q] for q in settled - expected} <= {"onednn", "native_gemv"}
+    pairs = model.config.num_experts_per_tok
+    products = {"matmul/layers size 1", "matmul/lm_head size 1"}
+    attention = {f"one_query_scores size {group}", f"one_query_values size {group}"}
+    # The pairs' own products are asked only on steps whose experts run pair by pair.
+    assert settled - {"matmul/expert_pairs size 1"} == products | attention | {f"experts size {pairs}"}
+    assert {steps[q] for q in settled if q.startswith("matmul")} <= {"torch_default", "native_gemv"}
+    assert {steps[q] for q in attention} <= {"onednn", "native_gemv"}
+    assert steps[f"experts size {pairs}"] in ("sorted", "each_pair")
 
 
 def test_float32_steps_are_not_timed(fresh_timer):

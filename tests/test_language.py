@@ -13,7 +13,6 @@ import deepseek_vl2.models.cache as cache_module
 import deepseek_vl2.models.kernels as kernels
 import deepseek_vl2.models.language as language
 from deepseek_vl2.models.cache import cache_capacity
-from deepseek_vl2.models.kernel_timing import KernelTimer
 from deepseek_vl2.models.kernels import Kernel, Op
 from deepseek_vl2.models.language import (
     DeepseekV2Cache,
@@ -702,21 +701,13 @@ def test_experts_on_cpu_read_weights_in_place(monkeypatch):
         experts(x, index, torch.rand(4, 3))
 
 
-def test_bf16_experts_decode_path_is_timed_on_the_call_and_both_paths_agree(monkeypatch):
+def test_bf16_experts_paths_for_a_decode_step_agree():
+    """A decode step may run either path (``kernels`` measures which is faster on whole steps)."""
     config, experts = make_experts()
     experts.to(torch.bfloat16)
-    timer = KernelTimer(None)
-    monkeypatch.setattr(kernels, "TIMER", timer)
-    monkeypatch.setattr(kernels, "_timing", True)  # and off again after the test
-    monkeypatch.setattr(kernels, "_chosen", {})
     x, index, weights = torch.randn(2, 64).to(torch.bfloat16), torch.tensor([[0, 3, 5], [5, 6, 7]]), torch.rand(2, 3)
     with torch.no_grad():
-        out = experts(x, index, weights)
         each, by_expert = (experts._run(path, x, index, weights) for path in (Kernel.EACH_PAIR, Kernel.SORTED))
-    (measured,) = timer.measurements
-    assert measured.key.startswith("experts size 6 shapes [(64, 64)] bfloat16")
-    chosen = Kernel(measured.chosen)
-    assert torch.equal(out, {Kernel.EACH_PAIR: each, Kernel.SORTED: by_expert}[chosen])
     torch.testing.assert_close(each, by_expert, rtol=0, atol=2e-2)
 
 

@@ -2,9 +2,10 @@
 
 Which kernel runs a decode step's products fastest (PyTorch's GEMV or oneDNN) depends on the CPU and on
 everything else the step reads: timed apart, in a loop over hot operands, a product misjudges how it runs
-between the step's other reads. So the products' choices are settled on whole decode steps
-(:class:`StepTuning`, one question at a time, the two answers on interleaved steps); what can run twice
-on its own operands (the routed experts' path) is timed on the call itself (:meth:`KernelTimer.choose`).
+between the step's other reads. So a decode step's choices are settled on whole decode steps
+(:class:`StepTuning`, one question at a time, the two answers on interleaved steps); a prefill's product
+with quantized weights, compute-bound and able to run twice on its own operands, is timed on the call
+itself (:meth:`KernelTimer.choose`).
 The disk file keeps choices per machine (CPU model, vector extensions, torch version), so that later
 processes skip the timing.
 """
@@ -30,7 +31,7 @@ MARGIN = 0.10
 REPEATS = 3
 # On whole steps, one question's share of a step is smaller, and medians of interleaved steps steadier.
 STEP_MARGIN = 0.05
-STEP_ORDER = (0, 1, 1, 0, 0, 1)  # rule, other, ...: ABBAAB cancels a steady drift of the step time
+STEP_ORDER = (0, 1, 1, 0, 0, 1)  # first, other, ...: ABBAAB cancels a steady drift of the step time
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -88,7 +89,7 @@ class KernelTimer:
         self.path = path
         self.measurements: list[Measurement] = []
         self._chosen: dict[str, str] | None = None
-        self._lock = threading.RLock()  # a measurement may ask for another choice (the experts, their products)
+        self._lock = threading.RLock()  # a measurement may ask for another choice
 
     def choose(self, key: str, candidates: Sequence, measure: Callable[[], dict]):
         """The remembered winner for ``key``, or ``measure()`` the candidates' seconds now and keep the winner."""
@@ -146,8 +147,8 @@ class StepTuning:
     """Settles questions ("which kernel for this product?") on whole steps of one kind, one at a time.
 
     During a step, :meth:`answer` gives the settled answer, or for the question under test the answer this
-    step tries (the rule or the other, in :data:`STEP_ORDER`), or the rule; :meth:`step_done` records the
-    step's time. After the order, the other answer is kept if its median step is :data:`STEP_MARGIN`
+    step tries (the first or the other, in :data:`STEP_ORDER`), or the first; :meth:`step_done` records
+    the step's time. After the order, the other answer is kept if its median step is :data:`STEP_MARGIN`
     faster. Settled answers go to ``timer`` under ``prefix + question``.
     """
 

@@ -1,15 +1,17 @@
 """Which kernel runs each of the decoder's hot operations, on which device, in which dtype, at which size.
 
 The model asks :func:`choose` ("which kernel for this op, device, dtype and size?") and runs the kernel it
-names; nothing else decides. Fixed rules answer first. On CPU in bf16/fp16 the answers that differ
-between CPUs are then measured (``kernel_timing``): the decode step's products and one-query attention
-on whole decode steps (:func:`decode_step`), trying the rule's answer and the other on interleaved steps;
-the routed experts' path on its first call with that many pairs, which can run twice on its own operands.
+names; nothing else decides. On CPU in bf16/fp16 the answers that differ between CPUs are measured
+(``kernel_timing``): a decode step's products, one-query attention and experts' path on whole decode
+steps (:func:`decode_step`), the original's call and the other on interleaved steps; a prefill's products
+with quantized weights on their first call of a size, which can run twice on its own operands. Fixed
+rules decide the rest, and everything where nothing is timed (float32, CUDA, ``DEEPSEEK_VL2_KERNEL_TIMING=0``).
 The generic kernels chosen between live here too (the experts' own loops are methods of their module).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +32,10 @@ TIMING_ENV = "DEEPSEEK_VL2_KERNEL_TIMING"  # "0": the fixed rules alone decide (
 # which beats one small matrix product per expert up to a few rows per expert.
 MAX_GATHERED_EXPERTS = 16
 MAX_PAIRS_IN_PLACE = 32
+# From this many rows (a prefill) a product with quantized weights may run on the weights dequantized for the
+# call: the dequantizing costs as much as a few rows' weight-only products, the matmul units then run at full
+# rate. Fewer rows (decoding) always read the quantized bytes.
+MIN_DEQUANTIZED_ROWS = 32
 
 
 class Op(Enum):
@@ -41,6 +47,7 @@ class Op(Enum):
     ONE_QUERY_VALUES = "one_query_values"  # probabilities x values of one query position: likewise
     LATENT_QUERY = "latent_query"  # MLA's query taken into latent space (q_nope x W_k): query positions
     EXPERTS = "experts"  # the routed experts: (token, expert) pairs
+    QUANTIZED_PRODUCT = "quantized_product"  # a product with quantized weights: rows (the power of two at or below)
 
 
 class Kernel(Enum):
@@ -56,6 +63,8 @@ class Kernel(Enum):
     SORTED = "sorted"  # ``DeepseekV2Experts._run_sorted``
     INT8_WEIGHT_ONLY = "int8_weight_only"  # ``aten._weight_int8pack_mm``: int8 weights, a scale per output channel
     INT4_WEIGHT_ONLY = "int4_weight_only"  # ``aten._weight_int4pack_mm_for_cpu``: packed int4, grouped scales, zeros
+    WEIGHT_ONLY = "weight_only"  # the weight-only kernel of the weights' bits (:func:`choose_weight_only`)
+    DEQUANTIZED = "dequantized"  # quantized weights dequantized to the activations' dtype, then one matrix product
 
 
 MATMUL_KERNELS = (Kernel.TORCH_DEFAULT, Kernel.NATIVE_GEMV, Kernel.ONEDNN)
@@ -91,6 +100,11 @@ def _latent_query(device: torch.device, dtype: torch.dtype, queries: int) -> Ker
     return Kernel.ONEDNN if device.type == "cpu" else Kernel.TORCH_DEFAULT
 
 
+def _quantized_product(device: torch.device, dtype: torch.dtype, rows: int) -> Kernel:
+    """Untimed: the weight-only kernel, which reads the quantized bytes (dequantizing would read more)."""
+    return Kernel.WEIGHT_ONLY
+
+
 def _experts(device: torch.device, dtype: torch.dtype, pairs: int) -> Kernel:
     """Many pairs (prefill): expert by expert on the sorted pairs. Few pairs (decode) on an accelerator:
     gather their experts' weights, as a host sync would stall the queue; on CPU there is no queue to
@@ -107,6 +121,7 @@ _RULES: dict[Op, Callable[[torch.device, torch.dtype, int], Kernel]] = {
     Op.ONE_QUERY_VALUES: _one_query_values,
     Op.LATENT_QUERY: _latent_query,
     Op.EXPERTS: _experts,
+    Op.QUANTIZED_PRODUCT: _quantized_product,
 }
 
 
@@ -115,15 +130,20 @@ _RULES: dict[Op, Callable[[torch.device, torch.dtype, int], Kernel]] = {
 _WEIGHT_ONLY: dict[tuple[str, int], Kernel] = {("cpu", 8): Kernel.INT8_WEIGHT_ONLY, ("cpu", 4): Kernel.INT4_WEIGHT_ONLY}
 
 
-# Timed on the caller's own trial: the candidates, the original's own call first (kept when the other is
-# not clearly faster), and the largest size timed.
-_TIMED: dict[Op, tuple[tuple[Kernel, ...], int]] = {Op.EXPERTS: ((Kernel.SORTED, Kernel.EACH_PAIR), MAX_PAIRS_IN_PLACE)}
-# Settled on whole decode steps of up to MAX_STEP_ROWS tokens: the two kernels tried.
-STEP_TIMED: dict[Op, tuple[Kernel, Kernel]] = {
-    Op.MATMUL: (Kernel.TORCH_DEFAULT, Kernel.NATIVE_GEMV),
-    Op.ONE_QUERY_SCORES: (Kernel.ONEDNN, Kernel.NATIVE_GEMV),
-    Op.ONE_QUERY_VALUES: (Kernel.ONEDNN, Kernel.NATIVE_GEMV),
-    Op.LATENT_QUERY: (Kernel.ONEDNN, Kernel.NATIVE_GEMV),
+# Timed on the caller's own trial: the candidates, the rule's first (kept when the other is not clearly
+# faster), and the smallest and largest sizes timed.
+_TIMED: dict[Op, tuple[tuple[Kernel, ...], int, float]] = {
+    Op.QUANTIZED_PRODUCT: ((Kernel.WEIGHT_ONLY, Kernel.DEQUANTIZED), MIN_DEQUANTIZED_ROWS, math.inf),
+}
+# Settled on whole decode steps of up to MAX_STEP_ROWS tokens: the original's call first (oneDNN as PyTorch
+# dispatches by default; the experts one expert at a time), kept unless the other is clearly faster, so that
+# bf16 can match the original's bits; and the largest size asked within a step.
+STEP_TIMED: dict[Op, tuple[Kernel, Kernel, float]] = {
+    Op.MATMUL: (Kernel.TORCH_DEFAULT, Kernel.NATIVE_GEMV, math.inf),
+    Op.ONE_QUERY_SCORES: (Kernel.ONEDNN, Kernel.NATIVE_GEMV, math.inf),
+    Op.ONE_QUERY_VALUES: (Kernel.ONEDNN, Kernel.NATIVE_GEMV, math.inf),
+    Op.LATENT_QUERY: (Kernel.ONEDNN, Kernel.NATIVE_GEMV, math.inf),
+    Op.EXPERTS: (Kernel.SORTED, Kernel.EACH_PAIR, MAX_PAIRS_IN_PLACE),
 }
 MAX_STEP_ROWS = 4
 TIMED_DTYPES = (torch.bfloat16, torch.float16)  # in float32 the candidates' products are the same BLAS calls
@@ -188,11 +208,9 @@ def choose(
     caller's operands, whose ``shapes`` key the choice. Otherwise the rule decides.
     """
     step = _current_step.get()
-    if step is not None and op in STEP_TIMED and (op is not Op.MATMUL or size <= MAX_STEP_ROWS):
-        rule = _RULES[op](device, dtype, size)
-        first, second = STEP_TIMED[op]
-        other = second if rule is first else first
-        return Kernel(step.answer(f"{op.value}{'/' + role if role else ''} size {size}", rule.value, other.value))
+    original, other, largest = STEP_TIMED.get(op, (None, None, 0))
+    if step is not None and original is not None and size <= largest:
+        return Kernel(step.answer(f"{op.value}{'/' + role if role else ''} size {size}", original.value, other.value))
     question = (op, device.type, dtype, size, tuple(shapes), torch.get_num_threads())
     kernel = _chosen.get(question)
     if kernel is None:
@@ -201,8 +219,8 @@ def choose(
 
 
 def _answer(op, device, dtype, size, shapes, trial) -> Kernel:
-    candidates, largest = _TIMED.get(op, ((), 0))
-    if not (candidates and _timed_here(device, dtype) and size <= largest and trial is not None):
+    candidates, smallest, largest = _TIMED.get(op, ((), 0, 0))
+    if not (candidates and _timed_here(device, dtype) and smallest <= size <= largest and trial is not None):
         return _RULES[op](device, dtype, size)
     key = _kind(dtype, f"{op.value} size {size} shapes {list(shapes)}")
     return TIMER.choose(key, candidates, lambda: time_candidates(candidates, trial))

@@ -386,15 +386,10 @@ class DeepseekV2Experts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """[tokens, hidden] routed by ``top_k_index``/``top_k_weights`` [tokens, top_k] -> [tokens, hidden].
 
-        The path (pair by pair in place, gathered weights, or sorted segments) is chosen by ``kernels``, which
-        may time the candidates on this call (it is a pure function of its inputs).
+        The path (pair by pair in place, gathered weights, or sorted segments) is chosen by ``kernels``.
         """
-        pairs, shapes = top_k_index.numel(), [tuple(self.gate_up_proj.shape[1:])]
-
-        def run(path: Kernel) -> torch.Tensor:
-            return self._run(path, hidden_states, top_k_index, top_k_weights)
-
-        return run(choose(Op.EXPERTS, hidden_states.device, hidden_states.dtype, pairs, shapes, trial=run))
+        path = choose(Op.EXPERTS, hidden_states.device, hidden_states.dtype, top_k_index.numel())
+        return self._run(path, hidden_states, top_k_index, top_k_weights)
 
     def _run(self, path: Kernel, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         if path is Kernel.SORTED:

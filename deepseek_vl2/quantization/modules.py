@@ -2,19 +2,34 @@
 
 Each keeps its float layer's interface and parameter names; a weight ``w`` gains a ``w_scale``
 companion (per output channel for int8, per group for int4, see ``packing``). The products run on
-``kernels.weight_only_linear``, which reads the quantized bytes.
+``kernels.weight_only_linear``, which reads the quantized bytes, or for many rows where it was faster on
+the first call of that size, on the weights dequantized for the call (:func:`quantized_product`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..models.kernels import choose_weight_only, weight_only_linear
+from ..models.kernels import Kernel, Op, choose, choose_weight_only, weight_only_linear
 from ..models.language import DeepseekV2Experts
 from .packing import dequantize, empty_quantized, quantize
 
 SCALE_SUFFIX = "_scale"
+
+
+def quantized_product(x: torch.Tensor, weight, scale, bits: int, group_size: int | None) -> torch.Tensor:
+    """``x [..., in] @ W.T`` for quantized ``W``, in ``x``'s dtype, on the kernel ``kernels`` chooses for its rows."""
+    rows = x.numel() // x.shape[-1]
+    size = 1 << max(rows.bit_length() - 1, 0)  # timed per power of two: prefill lengths vary
+
+    def run(kernel: Kernel) -> torch.Tensor:
+        if kernel is Kernel.DEQUANTIZED:
+            return F.linear(x, dequantize(weight, scale, bits).to(x.dtype))
+        return weight_only_linear(x, choose_weight_only(x.device, bits), weight, scale, group_size)
+
+    return run(choose(Op.QUANTIZED_PRODUCT, x.device, x.dtype, size, [tuple(weight.shape), (bits,)], trial=run))
 
 
 class QuantizedWeights:
@@ -57,8 +72,7 @@ class QuantizedLinear(QuantizedWeights, nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = choose_weight_only(x.device, self.bits)
-        output = weight_only_linear(x, kernel, self.weight, self.weight_scale, self.group_size)
+        output = quantized_product(x, self.weight, self.weight_scale, self.bits, self.group_size)
         return output if self.bias is None else output + self.bias
 
     def extra_repr(self) -> str:
@@ -84,11 +98,11 @@ class QuantizedExperts(QuantizedWeights, DeepseekV2Experts):
             self._make_quantized(name, getattr(like, name))
 
     def _gate_up(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
-        kernel = choose_weight_only(tokens.device, self.bits)
-        return weight_only_linear(
-            tokens, kernel, self.gate_up_proj[expert], self.gate_up_proj_scale[expert], self.group_size
+        return quantized_product(
+            tokens, self.gate_up_proj[expert], self.gate_up_proj_scale[expert], self.bits, self.group_size
         )
 
     def _down(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
-        kernel = choose_weight_only(tokens.device, self.bits)
-        return weight_only_linear(tokens, kernel, self.down_proj[expert], self.down_proj_scale[expert], self.group_size)
+        return quantized_product(
+            tokens, self.down_proj[expert], self.down_proj_scale[expert], self.bits, self.group_size
+        )
