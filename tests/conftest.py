@@ -96,3 +96,17 @@ def endless_checkpoint_dir(tmp_path_factory):
     save_file(tensors, shard, metadata={"format": "pt"})
     return path
 
+
+
+@pytest.fixture
+def fresh_timer(monkeypatch):
+    """Kernel timing on (it is off in the other tests), with a timer, memo and step tunings of the test's own."""
+    from deepseek_vl2.models import kernels
+    from deepseek_vl2.models.kernel_timing import KernelTimer
+
+    timer = KernelTimer(None)
+    monkeypatch.setattr(kernels, "TIMER", timer)
+    monkeypatch.setattr(kernels, "_timing", True)
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(kernels, "_tunings", {})
+    return timer

@@ -123,16 +123,6 @@ def test_an_unreadable_choices_file_is_timed_again_and_rewritten(tmp_path):
     assert ran and json.loads(path.read_text()) == {machine_key(): {"k": "torch_default"}}
 
 
-@pytest.fixture
-def fresh_timer(monkeypatch):
-    """``kernels`` timing (off in the other tests), with a timer and memo of its own."""
-    timer = KernelTimer(None)
-    monkeypatch.setattr(kernels, "TIMER", timer)
-    kernels.time_kernels(True)
-    yield timer
-    kernels.time_kernels(False)
-
-
 def test_a_trial_on_the_callers_operands_is_timed_once(fresh_timer):
     trial, ran = sleeping({Kernel.WEIGHT_ONLY: 0.02, Kernel.DEQUANTIZED: 0.002})
     size = MIN_DEQUANTIZED_ROWS

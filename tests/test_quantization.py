@@ -15,8 +15,6 @@ from test_model import encode, generation_kwargs, picture
 from transformers import BitsAndBytesConfig
 
 from deepseek_vl2.models import DeepseekV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
-from deepseek_vl2.models import kernels
-from deepseek_vl2.models.kernel_timing import KernelTimer
 from deepseek_vl2.models.kernels import MIN_DEQUANTIZED_ROWS, Kernel, choose_weight_only
 from deepseek_vl2.models.language import DeepseekV2Experts
 from deepseek_vl2.quantization import (
@@ -89,11 +87,7 @@ def test_quantized_linear_equals_the_product_with_its_dequantized_weight(bits, r
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_a_bf16_prefill_product_runs_on_the_faster_of_the_kernel_and_the_dequantized_weight(bits, monkeypatch):
-    timer = KernelTimer(None)
-    monkeypatch.setattr(kernels, "TIMER", timer)
-    monkeypatch.setattr(kernels, "_timing", True)  # and off again after the test
-    monkeypatch.setattr(kernels, "_chosen", {})
+def test_a_bf16_prefill_product_runs_on_the_faster_of_the_kernel_and_the_dequantized_weight(bits, fresh_timer):
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 96).to(torch.bfloat16)
     quantized = QuantizedLinear(linear, bits, 32 if bits == 4 else None)
@@ -104,7 +98,7 @@ def test_a_bf16_prefill_product_runs_on_the_faster_of_the_kernel_and_the_dequant
         with torch.no_grad():
             got, expected = quantized(x), F.linear(x, dequantized, linear.bias)
         torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
-    (measured,) = timer.measurements  # the few rows ran on the weight-only kernel untimed
+    (measured,) = fresh_timer.measurements  # the few rows ran on the weight-only kernel untimed
     shapes = [tuple(quantized.weight.shape), (bits,)]
     assert measured.key.startswith(f"quantized_product size {MIN_DEQUANTIZED_ROWS} shapes {shapes}")
     assert set(measured.seconds) == {"weight_only", "dequantized"}

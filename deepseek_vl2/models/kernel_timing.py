@@ -25,8 +25,8 @@ import torch
 
 CACHE_ENV = "DEEPSEEK_VL2_KERNEL_CACHE"  # the JSON file of kept choices; empty: keep them for the process only
 DEFAULT_CACHE = Path("~/.cache/deepseek_vl2/kernel-choices.json")
-# Another candidate must beat the first (the original's own call) by this share to be chosen: within
-# noise, the call that gives the original's bits wins.
+# Another candidate must beat the first (the rule's answer) by this share to be chosen: within noise,
+# the rule stands.
 MARGIN = 0.10
 REPEATS = 3
 # On whole steps, one question's share of a step is smaller, and medians of interleaved steps steadier.
@@ -157,17 +157,17 @@ class StepTuning:
         self.settled = {
             key.removeprefix(prefix): value for key, value in timer.choices().items() if key.startswith(prefix)
         }
-        self.seen: dict[str, tuple[str, str]] = {}  # question -> (rule, other), in the order first asked
+        self.seen: dict[str, tuple[str, str]] = {}  # question -> (first, other), in the order first asked
         self.testing: str | None = None
         self.seconds: tuple[list[float], list[float]] = ([], [])
         self.measurements: list[Measurement] = []
 
-    def answer(self, question: str, rule: str, other: str) -> str:
+    def answer(self, question: str, first: str, other: str) -> str:
         if question in self.settled:
             return self.settled[question]
-        self.seen.setdefault(question, (rule, other))
+        self.seen.setdefault(question, (first, other))
         if question != self.testing:
-            return rule
+            return first
         return self.seen[question][STEP_ORDER[sum(map(len, self.seconds))]]
 
     def step_done(self, seconds: float) -> None:
@@ -180,11 +180,11 @@ class StepTuning:
             self.testing = next((q for q in self.seen if q not in self.settled), None)
 
     def _settle(self) -> None:
-        question, (rule, other) = self.testing, self.seen[self.testing]
+        question, (first, other) = self.testing, self.seen[self.testing]
         medians = [sorted(times)[len(times) // 2] for times in self.seconds]
-        chosen = other if medians[1] < (1 - STEP_MARGIN) * medians[0] else rule
+        chosen = other if medians[1] < (1 - STEP_MARGIN) * medians[0] else first
         self.settled[question] = chosen
-        self.measurements.append(Measurement(self.prefix + question, {rule: medians[0], other: medians[1]}, chosen))
+        self.measurements.append(Measurement(self.prefix + question, {first: medians[0], other: medians[1]}, chosen))
         self.timer.keep(self.prefix + question, chosen)
         self.testing, self.seconds = None, ([], [])
 
