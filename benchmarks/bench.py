@@ -229,30 +229,42 @@ def build_processor(variant: str, folder: str | Path) -> DeepseekVLV2Processor:
     return DeepseekVLV2Processor(build_tokenizer(folder, flavor), candidate_resolutions=CANDIDATE_RESOLUTIONS)
 
 
+def random_pool(seed: int) -> tuple[torch.Generator, torch.Tensor]:
+    """The generator and the pool of Gaussian values that :func:`fill_random_tensor` draws from."""
+    generator = torch.Generator().manual_seed(seed)
+    return generator, torch.randn(1 << 22, generator=generator)
+
+
 @torch.no_grad()
-def fill_random(model: torch.nn.Module, seed: int) -> None:
-    """Weights of std 1/sqrt(fan_in) copied from one random pool (fast); norms one; routers truly random.
+def fill_random_tensor(name: str, tensor: torch.Tensor, generator: torch.Generator, pool: torch.Tensor) -> None:
+    """Weights of std 1/sqrt(fan_in) copied from the random pool (fast); norms one; routers truly random.
 
     Real routers spread tokens over the experts, which is what decode reads; a pool-made router might not.
+    The rule reads the tensor's name and shape only, so it fills the model's stacked experts and the
+    published per-expert tensors alike.
     """
-    generator = torch.Generator().manual_seed(seed)
-    pool = torch.randn(1 << 22, generator=generator)
-    device_pool = pool.to(next(model.parameters()).device)
+    if "norm" in name:
+        tensor.fill_(1.0 if name.endswith("weight") else 0.0)
+        return
+    fan_in = tensor.shape[-1] if tensor.ndim in (2, 3) else max(tensor.shape[1:].numel(), 1)
+    if name.endswith("gate.weight"):
+        tensor.copy_(torch.randn(tensor.shape, generator=generator) * fan_in**-0.5)
+        return
+    scale = 0.02 if tensor.ndim == 1 else fan_in**-0.5
     span = pool.numel() - 4096
+    flat = tensor.view(-1)
+    for start in range(0, flat.numel(), span):
+        offset = int(torch.randint(0, 4096, (1,), generator=generator))
+        count = min(span, flat.numel() - start)
+        flat[start : start + count].copy_(pool[offset : offset + count] * scale)
+
+
+def fill_random(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter of ``model`` filled by :func:`fill_random_tensor`, in place."""
+    generator, pool = random_pool(seed)
+    pool = pool.to(next(model.parameters()).device)
     for name, param in model.named_parameters():
-        if "norm" in name:
-            param.fill_(1.0 if name.endswith("weight") else 0.0)
-            continue
-        fan_in = param.shape[-1] if param.ndim in (2, 3) else max(param.shape[1:].numel(), 1)
-        if name.endswith("gate.weight"):
-            param.copy_(torch.randn(param.shape, generator=generator) * fan_in**-0.5)
-            continue
-        scale = 0.02 if param.ndim == 1 else fan_in**-0.5
-        flat = param.view(-1)
-        for start in range(0, flat.numel(), span):
-            offset = int(torch.randint(0, 4096, (1,), generator=generator))
-            count = min(span, flat.numel() - start)
-            flat[start : start + count].copy_(device_pool[offset : offset + count] * scale)
+        fill_random_tensor(name, param, generator, pool)
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:

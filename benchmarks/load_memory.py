@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench
+import random_checkpoint
 
 from deepseek_vl2.testing.published import VARIANTS
 
@@ -45,14 +46,6 @@ print(json.dumps({"load_s": seconds, "weights": weights, **kib}))
 """
 
 
-def write_checkpoint(variant: str, layers: int | None, folder: Path) -> None:
-    if (folder / "model.safetensors.index.json").exists() or (folder / "model.safetensors").exists():
-        return
-    print(f"writing a random-weight {variant} checkpoint to {folder} (once)", flush=True)
-    model = bench.build_model(variant, layers, torch.bfloat16, torch.device("cpu"))
-    model.save_pretrained(folder)
-
-
 def measure(folder: Path, mode: str) -> dict:
     command = [sys.executable, "-c", LOAD, str(folder), mode]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -67,9 +60,9 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if sys.platform != "linux":
         parser.error("reads /proc/self/status: Linux only")
-    name = f"bench-{args.variant}{f'-{args.layers}-layers' if args.layers else ''}-bf16-random-weights"
-    folder = args.folder or Path.home() / ".cache" / "deepseek_vl2" / name
-    write_checkpoint(args.variant, args.layers, folder)
+    folder = random_checkpoint.write_published_checkpoint(
+        args.variant, args.layers, args.folder or random_checkpoint.cache_folder(args.variant, args.layers, "bf16")
+    )
     print(f"{bench.cpu_name()}, torch {torch.__version__}")
     rows = [measure(folder, mode) for mode in ("owned", "mapped")]
     print("| mode | weights GiB | RSS GiB | anonymous | file-backed | peak RSS | RSS / weights | load s |")

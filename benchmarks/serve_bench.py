@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
-import gc
 import json
 import os
 import platform
@@ -36,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import DTYPES, add_model_arguments, build_model, build_processor, cpu_name, picture  # noqa: E402
+from bench import DTYPES, add_model_arguments, cpu_name, picture  # noqa: E402
+from random_checkpoint import write_published_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench"
@@ -45,13 +45,8 @@ PROMPTS = ("Describe this image in detail.", "What is in the picture?", "Read th
 
 
 def write_checkpoint(args: argparse.Namespace, folder: Path) -> None:
-    """The random real-dims model saved as a checkpoint folder (weights, config, tokenizer, processor)."""
-    model = build_model(args.variant, args.layers, DTYPES[args.dtype], torch.device("cpu"))
-    model.save_pretrained(folder)
-    (folder / "generation_config.json").unlink(missing_ok=True)  # as the published repos: none
-    build_processor(args.variant, folder).to_json_file(folder / "processor_config.json")
-    del model
-    gc.collect()
+    """The random real-dims model written as a checkpoint folder (weights, config, tokenizer, processor)."""
+    write_published_checkpoint(args.variant, args.layers, folder, DTYPES[args.dtype])
 
 
 def write_images(args: argparse.Namespace, folder: Path) -> list[Path]:

@@ -27,8 +27,10 @@ from deepseek_vl2.quantization.modules import QuantizedWeights
 from deepseek_vl2.quantization.packing import (
     INT4_LAYOUTS,
     UNRECORDED_INT4_LAYOUT,
+    dequantize,
     machine_int4_layout,
     pack_int4,
+    quantize,
     repack_int4,
     unpack_int4,
 )
@@ -70,6 +72,16 @@ def test_every_int4_layout_unpacks_what_it_packs_and_repacks_into_this_machines(
     assert torch.equal(repack_int4(packed, layout), pack_int4(levels))
     others = [pack_int4(levels, other) for other in INT4_LAYOUTS if other != layout]
     assert not any(torch.equal(packed, other) for other in others), "the layouts differ"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_dequantizing_into_a_dtype_rounds_the_float32_values_once(bits, dtype):
+    weight = torch.randn(3, 80, 128, generator=torch.Generator().manual_seed(bits)).to(dtype)
+    quantized, scale = quantize(weight, bits, 32 if bits == 4 else None)
+    direct = dequantize(quantized, scale, bits, dtype)
+    assert direct.dtype == dtype
+    assert torch.equal(direct, dequantize(quantized, scale, bits).to(dtype))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils.heap import trim_heap
+
 CACHE_ENV = "DEEPSEEK_VL2_KERNEL_CACHE"  # the JSON file of kept choices; empty: keep them for the process only
 DEFAULT_CACHE = Path("~/.cache/deepseek_vl2/kernel-choices.json")
 # Another candidate must beat the first (the rule's answer) by this share to be chosen: within noise,
@@ -63,7 +65,11 @@ def machine_key() -> str:
 
 
 def time_candidates(candidates: Sequence, trial: Callable[[object], object], repeats: int = REPEATS) -> dict:
-    """Best wall time of ``trial(candidate)`` per candidate, after one warm-up each, interleaved."""
+    """Best wall time of ``trial(candidate)`` per candidate, after one warm-up each, interleaved.
+
+    The trials' freed temporaries are handed back afterwards: a prefill's first calls are timed between
+    its long-lived tensors, and the heap would otherwise keep them resident (gigabytes over a model).
+    """
     best = dict.fromkeys(candidates, float("inf"))
     for candidate in candidates:
         trial(candidate)
@@ -72,6 +78,7 @@ def time_candidates(candidates: Sequence, trial: Callable[[object], object], rep
             start = time.perf_counter()
             trial(candidate)
             best[candidate] = min(best[candidate], time.perf_counter() - start)
+    trim_heap()
     return best
 
 

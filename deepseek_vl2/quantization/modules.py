@@ -26,7 +26,7 @@ def quantized_product(x: torch.Tensor, weight, scale, bits: int, group_size: int
 
     def run(kernel: Kernel) -> torch.Tensor:
         if kernel is Kernel.DEQUANTIZED:
-            return F.linear(x, dequantize(weight, scale, bits).to(x.dtype))
+            return F.linear(x, dequantize(weight, scale, bits, x.dtype))
         return weight_only_linear(x, choose_weight_only(x.device, bits), weight, scale, group_size)
 
     return run(choose(Op.QUANTIZED_PRODUCT, x.device, x.dtype, size, [tuple(weight.shape), (bits,)], trial=run))

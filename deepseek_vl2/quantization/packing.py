@@ -141,14 +141,23 @@ def machine_int4_layout() -> Int4Layout:
     )
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """The float32 matrix [..., out, in] that a quantized ``weight`` with ``scale`` stands for."""
+def dequantize(
+    weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The matrix [..., out, in] that a quantized ``weight`` with ``scale`` stands for, rounded once to ``dtype``.
+
+    An int8 level times a 16-bit scale is exact in float32, and PyTorch multiplies 16-bit floats in
+    float32, so multiplying in the scale's own dtype rounds once, as rounding the float32 product would,
+    without a float32 copy of the matrix. int4's ``(level - 8) * scale + zero`` is computed in float32.
+    """
+    if bits == 8 and scale.dtype == dtype:
+        return weight.to(dtype) * scale.unsqueeze(-1)
     if bits == 8:
-        return weight.float() * scale.float().unsqueeze(-1)
+        return (weight.float() * scale.float().unsqueeze(-1)).to(dtype)
     levels = unpack_int4(weight).float()
     group_size = levels.shape[-1] // scale.shape[-3]
     scale, zero = scale.float().transpose(-3, -2).repeat_interleave(group_size, dim=-2).unbind(-1)
-    return (levels - 8) * scale + zero
+    return ((levels - 8) * scale + zero).to(dtype)
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,13 +86,19 @@ def quantize_in_place(model: nn.Module, config: DeepseekVL2QuantizationConfig) -
     targets = quantization_targets(model, config)
     check_shapes(targets, config)
     for name, module in targets:
-        replacement = _quantized_form(module, config)
-        for tensor_name in replacement.quantized_names:
-            for stored_name, tensor in replacement.quantize_tensor(tensor_name, getattr(module, tensor_name)).items():
-                getattr(replacement, stored_name).copy_(tensor)
-        _swap(model, name, replacement)
+        quantize_target(model, name, module, config)
     model.config.quantization_config = config
     model.is_quantized = True
+
+
+@torch.no_grad()
+def quantize_target(model: nn.Module, name: str, module: nn.Module, config: DeepseekVL2QuantizationConfig) -> None:
+    """Swap the float target ``module`` (called ``name`` in ``model``) for its quantized form, filled from it."""
+    replacement = _quantized_form(module, config)
+    for tensor_name in replacement.quantized_names:
+        for stored_name, tensor in replacement.quantize_tensor(tensor_name, getattr(module, tensor_name)).items():
+            getattr(replacement, stored_name).copy_(tensor)
+    _swap(model, name, replacement)
 
 
 @torch.no_grad()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import sys
 from pathlib import Path
 
 import torch
+
+from .heap import LIBC, trim_heap
 
 # owner/name, each of letters, digits, "_", "-" and "."; a leading "." (./, ../), "/" or "~" is a local path
 HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
@@ -40,15 +41,17 @@ def check_checkpoint_location(name_or_path: str | os.PathLike, required_file: st
 
 
 _MADV_DONTNEED = 4
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_LIBC = LIBC
 if _LIBC is not None:
     _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 class PageReleaser:
-    """Releases the checkpoint pages read so far (:func:`release_checkpoint_pages`) after every ``every`` bytes.
+    """After every ``every`` bytes read, releases the checkpoint pages read so far and the heap's freed blocks.
 
-    Each release costs a walk of the process's page tables, so it is done per chunk of reading, not per tensor.
+    Each release costs a walk of the process's page tables, so it is done per chunk of reading, not per
+    tensor. Converting tensors (stacking, quantizing) frees temporaries between the tensors kept, which
+    the heap would otherwise keep resident: gigabytes over a large model.
     """
 
     def __init__(self, every: int = 512 << 20):
@@ -58,6 +61,7 @@ class PageReleaser:
         self.pending += nbytes
         if self.pending >= self.every:
             release_checkpoint_pages()
+            trim_heap()
             self.pending = 0
 
 
@@ -78,6 +82,7 @@ def own_mapped_weights(model: torch.nn.Module) -> None:
                     tensor.data = tensor.data.clone()
                     releaser.read(tensor.numel() * tensor.element_size())
     release_checkpoint_pages()
+    trim_heap()
 
 
 def release_checkpoint_pages() -> None:
