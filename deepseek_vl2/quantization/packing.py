@@ -148,16 +148,19 @@ def dequantize(
 
     An int8 level times a 16-bit scale is exact in float32, and PyTorch multiplies 16-bit floats in
     float32, so multiplying in the scale's own dtype rounds once, as rounding the float32 product would,
-    without a float32 copy of the matrix. int4's ``(level - 8) * scale + zero`` is computed in float32.
+    without a float32 copy of the matrix. int4's ``(level - 8) * scale + zero`` is computed in float32,
+    in place, with each group's scale and zero broadcast over the group (not repeated into matrices).
     """
     if bits == 8 and scale.dtype == dtype:
         return weight.to(dtype) * scale.unsqueeze(-1)
     if bits == 8:
         return (weight.float() * scale.float().unsqueeze(-1)).to(dtype)
-    levels = unpack_int4(weight).float()
-    group_size = levels.shape[-1] // scale.shape[-3]
-    scale, zero = scale.float().transpose(-3, -2).repeat_interleave(group_size, dim=-2).unbind(-1)
-    return ((levels - 8) * scale + zero).to(dtype)
+    levels = unpack_int4(weight)
+    *lead, rows, columns = levels.shape
+    groups = scale.shape[-3]
+    scale, zero = scale.float().transpose(-3, -2).unsqueeze(-2).unbind(-1)  # [..., out, groups, 1] each
+    values = levels.view(*lead, rows, groups, columns // groups).float().sub_(8).mul_(scale).add_(zero)
+    return values.view(*lead, rows, columns).to(dtype)
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
