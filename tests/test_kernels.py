@@ -18,6 +18,7 @@ from deepseek_vl2.models.kernels import (
     Kernel,
     Op,
     choose,
+    key_length_class,
     matmuls_on,
 )
 
@@ -186,12 +187,31 @@ def test_decode_steps_settle_each_product_and_attention_kernel(fresh_timer):
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     pairs = model.config.num_experts_per_tok
     products = {"matmul/layers size 1", "matmul/lm_head size 1"}
-    attention = {f"one_query_scores size {group}", f"one_query_values size {group}"}
+    attention = {f"one_query_scores/keys<=256 size {group}", f"one_query_values/keys<=256 size {group}"}
     # The pairs' own products are asked only on steps whose experts run pair by pair.
     assert settled - {"matmul/expert_pairs size 1"} == products | attention | {f"experts size {pairs}"}
     assert {steps[q] for q in settled if q.startswith("matmul")} <= {"torch_default", "native_gemv"}
     assert {steps[q] for q in attention} <= {"onednn", "native_gemv"}
     assert steps[f"experts size {pairs}"] in ("sorted", "each_pair")
+
+
+def test_one_query_attention_is_settled_per_class_of_cache_length(fresh_timer):
+    lengths = (1, 256, 257, 1024, 4096, 16385)
+    assert [key_length_class(n) for n in lengths] == [
+        "keys<=256", "keys<=256", "keys<=1024", "keys<=1024", "keys<=4096", "keys>16384"
+    ]  # fmt: skip
+    model = make_model(**CONFIGS["mha_gqa_bias"]).to(torch.bfloat16)
+    with torch.no_grad():
+        for prompt in (6, 300):
+            cache = DeepseekV2Cache(config=model.config)
+            model(random_ids(1, prompt), cache=cache)
+            for _ in range(2):
+                model(random_ids(1, 1), cache=cache)
+    (tuning,) = kernels._tunings.values()
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    asked = {question for question in tuning.seen if question.startswith("one_query")}
+    assert asked == {f"one_query_{part}/{length} size {group}"
+                     for part in ("scores", "values") for length in ("keys<=256", "keys<=1024")}  # fmt: skip
 
 
 def test_float32_steps_are_not_timed(fresh_timer):

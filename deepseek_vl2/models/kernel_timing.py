@@ -48,20 +48,26 @@ class Measurement:
 
 @cache
 def machine_key() -> str:
-    """What the speed order of kernels depends on, besides shapes and threads: the CPU, its vector units, torch."""
-    model, flags = "unknown CPU", set()
+    """What the speed order of kernels depends on, besides shapes and threads: the CPU, its vector units, torch.
+
+    A VM's model name can hide the generation ("AMD EPYC" for both Zen 4 and Zen 5, which differ), so the
+    CPU's family and model numbers are part of the key.
+    """
+    fields, flags = {}, set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             name, _, value = line.partition(":")
-            if name.strip() == "model name":
-                model = value.strip()
-            elif name.strip() == "flags":
+            if name.strip() == "flags":
                 flags = set(value.split())
                 break
+            fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
+    cpu = fields.get("model name", "unknown CPU")
+    if "cpu family" in fields:
+        cpu += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
     features = "+".join(f for f in CPU_FEATURES if f in flags) or torch.backends.cpu.get_cpu_capability()
-    return f"{model} | {features} | torch {torch.__version__}"
+    return f"{cpu} | {features} | torch {torch.__version__}"
 
 
 def time_candidates(candidates: Sequence, trial: Callable[[object], object], repeats: int = REPEATS) -> dict:

@@ -146,6 +146,10 @@ STEP_TIMED: dict[Op, tuple[Kernel, Kernel, float]] = {
     Op.EXPERTS: (Kernel.SORTED, Kernel.EACH_PAIR, MAX_PAIRS_IN_PLACE),
 }
 MAX_STEP_ROWS = 4
+# One-query attention's kernels are settled per class of cache length, up to each bound: which reads the
+# keys and values faster changes with their length (a GEMV that wins over a short prompt's cache can read
+# a long image prompt's several times slower), and a short tuning run must not decide for long ones.
+KEY_LENGTH_BOUNDS = (256, 1024, 4096, 16384)
 TIMED_DTYPES = (torch.bfloat16, torch.float16)  # in float32 the candidates' products are the same BLAS calls
 TIMER = default_timer()
 _chosen: dict[tuple, Kernel] = {}  # by the question asked: choosing again costs one dict lookup
@@ -190,6 +194,12 @@ def decode_step(device: torch.device, dtype: torch.dtype, rows: int) -> Iterator
     finally:
         _current_step.reset(token)
     tuning.step_done(time.perf_counter() - start)  # not after an error: its time says nothing
+
+
+def key_length_class(keys: int) -> str:
+    """The class of cache lengths that one-query attention over ``keys`` positions is settled for."""
+    bound = next((b for b in KEY_LENGTH_BOUNDS if keys <= b), None)
+    return f"keys<={bound}" if bound else f"keys>{KEY_LENGTH_BOUNDS[-1]}"
 
 
 def choose(
@@ -306,8 +316,9 @@ def attend_one_query(queries, keys, value, attention_mask, scale) -> torch.Tenso
     batch, heads = queries[0].shape[:2]
     kv_heads = keys[0].shape[1]
     group = heads // kv_heads
+    length = key_length_class(value.shape[-2])
     scores = None
-    with matmuls_on(choose(Op.ONE_QUERY_SCORES, value.device, value.dtype, group)):
+    with matmuls_on(choose(Op.ONE_QUERY_SCORES, value.device, value.dtype, group, role=length)):
         for query, key in zip(queries, keys):
             part = torch.matmul(query.reshape(batch, kv_heads, group, -1) * scale, key.transpose(-1, -2))
             scores = part if scores is None else scores + part
@@ -317,6 +328,6 @@ def attend_one_query(queries, keys, value, attention_mask, scale) -> torch.Tenso
     elif attention_mask is not None:
         scores = scores + attention_mask
     probs = scores.float().softmax(dim=-1).to(value.dtype).view(batch, kv_heads, group, -1)
-    with matmuls_on(choose(Op.ONE_QUERY_VALUES, value.device, value.dtype, group)):
+    with matmuls_on(choose(Op.ONE_QUERY_VALUES, value.device, value.dtype, group, role=length)):
         output = torch.matmul(probs, value)
     return output.view(batch, heads, 1, -1)
