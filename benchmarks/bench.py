@@ -639,6 +639,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--quantize", choices=tuple(SHORT_FORMS), help="quantize the decoder's weights (in place, after building)"
     )
+    parser.add_argument("--quantize_vision", action="store_true", help="with --quantize: the vision tower's too")
     parser.add_argument(
         "--kernel_choice", choices=["timed", "rules"], default="timed",
         help="kernels measured on first use and on the first decode steps (the default), or the fixed rules alone",
@@ -654,6 +655,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new_tokens must be at least 2 (one prefill step and one decode step)")
+    if args.quantize_vision and not args.quantize:
+        parser.error("--quantize_vision needs --quantize int8|int4")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     return args
@@ -684,7 +687,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     model = build_model(args.variant, args.layers, dtype, device)
     if args.quantize:
-        quantize_in_place(model, DeepseekVL2QuantizationConfig.from_short_form(args.quantize))
+        config = DeepseekVL2QuantizationConfig.from_short_form(args.quantize, args.quantize_vision)
+        quantize_in_place(model, config)
     sync(device)
     load_seconds = time.perf_counter() - start
     decoder = model.config.language_config
@@ -749,7 +753,7 @@ def main(argv=None) -> dict:
     for row in prefill_memory_rows:
         print(f"decoder prefill tensor peak, {row['workload']} x{row['batch']}: whole {row['whole_gb'] * 1024:.0f} MB, "
               f"chunks of {row['chunk_size']} {row['chunked_gb'] * 1024:.0f} MB ({-row['reduction']:+.0%})")  # fmt: skip
-    weights = args.dtype + (f"-{args.quantize}" if args.quantize else "")
+    weights = args.dtype + (f"-{args.quantize}" if args.quantize else "") + ("-vision" if args.quantize_vision else "")
     output = args.output or Path(__file__).parent / f"results-{args.variant}-{args.device}-{weights}.json"
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {output}")

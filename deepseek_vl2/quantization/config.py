@@ -60,11 +60,11 @@ class DeepseekVL2QuantizationConfig(QuantizationConfigMixin):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
 
     @classmethod
-    def from_short_form(cls, name: str) -> DeepseekVL2QuantizationConfig:
+    def from_short_form(cls, name: str, quantize_vision: bool = False) -> DeepseekVL2QuantizationConfig:
         """The config for ``"int8"`` or ``"int4"`` (default group size)."""
         if name not in SHORT_FORMS:
             raise ValueError(f"quantization must be one of {', '.join(SHORT_FORMS)}, got {name!r}")
-        return cls(bits=SHORT_FORMS[name])
+        return cls(bits=SHORT_FORMS[name], quantize_vision=quantize_vision)
 
     def settings(self) -> dict:
         """What decides the stored weights: two configs with the same settings load the same tensors."""
