@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from contextlib import nullcontext
 
 import torch
 from bench import build_model, cpu_name
@@ -31,17 +32,21 @@ def weight_bytes(model) -> int:
 
 
 @torch.no_grad()
-def step_times(language, prompt: torch.Tensor, steps: int, batch: int) -> list[float]:
-    """Seconds of each of ``steps`` one-token decode steps after prefilling ``prompt`` for ``batch`` rows."""
+def step_times(language, prompt: torch.Tensor, steps: int, batch: int, around_steps=nullcontext) -> list[float]:
+    """Seconds of each of ``steps`` one-token decode steps after prefilling ``prompt`` for ``batch`` rows.
+
+    ``around_steps()`` is entered around the steps alone (a profiler, say), not the prefill.
+    """
     cache = DeepseekV2Cache(config=language.config)
     ids = prompt.expand(batch, -1)
     logits = language(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
     times = []
-    for _ in range(steps):
-        token = logits.argmax(-1, keepdim=True)
-        start = time.perf_counter()
-        logits = language(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
-        times.append(time.perf_counter() - start)
+    with around_steps():
+        for _ in range(steps):
+            token = logits.argmax(-1, keepdim=True)
+            start = time.perf_counter()
+            logits = language(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
+            times.append(time.perf_counter() - start)
     return times
 
 
