@@ -464,6 +464,13 @@ class Probe:
 
 
 @torch.no_grad()
+def image_inputs(inputs) -> dict:
+    """The processor output's image arguments for the model, none for a prompt without images."""
+    if not inputs.images_spatial_crop.any():
+        return {}
+    return {k: inputs[k] for k in ("images", "images_seq_mask", "images_spatial_crop")}
+
+
 def run(model, processor, inputs, args, device, chunk_size: int | None):
     """Generate ``args.new_tokens`` tokens for ``inputs``: (figures, prompt embeddings of a chunked run or None)."""
     memory, load = PeakMemory(device), OtherLoad()
@@ -476,9 +483,7 @@ def run(model, processor, inputs, args, device, chunk_size: int | None):
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
         pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([clock]),
     )  # fmt: skip
-    image_inputs = {k: inputs[k] for k in ("images", "images_seq_mask", "images_spatial_crop")}
-    if not inputs.images_spatial_crop.any():
-        image_inputs = {}
+    images = image_inputs(inputs)
     # Shared hosts drift: each run's ratios use the bandwidth and matmul rate measured right around it.
     bandwidth_before, matmul_before = memory_bandwidth(device), matmul_rate(device, model.dtype)
     sync(device)
@@ -489,7 +494,7 @@ def run(model, processor, inputs, args, device, chunk_size: int | None):
     try:
         if chunk_size:
             embeds, cache = model.incremental_prefilling(
-                input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, chunk_size=chunk_size, **image_inputs
+                input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, chunk_size=chunk_size, **images
             )
             probe.embeds = embeds
             model.generate(
@@ -498,7 +503,7 @@ def run(model, processor, inputs, args, device, chunk_size: int | None):
             )  # fmt: skip
         else:
             model.generate(
-                input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, **image_inputs, **generation
+                input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, **images, **generation
             )
     finally:
         for handle in handles:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench import build_model, build_processor, chat, cpu_name
+from bench import build_model, build_processor, chat, cpu_name, image_inputs
 from PIL import Image
 
 from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
@@ -45,12 +45,6 @@ SETTINGS = {
 def prompt_inputs(processor, text: str, images: tuple[str, ...]):
     pictures = [Image.open(IMAGES / name).convert("RGB") for name in images]
     return processor(conversations=chat(text, len(images)), images=pictures, force_batchify=True, system_prompt="")
-
-
-def image_inputs(inputs) -> dict:
-    if not inputs.images_spatial_crop.any():
-        return {}
-    return {k: inputs[k] for k in ("images", "images_seq_mask", "images_spatial_crop")}
 
 
 @torch.inference_mode()
