@@ -146,31 +146,57 @@ def test_rules_decide_where_nothing_is_timed(fresh_timer):
     assert fresh_timer.measurements == []
 
 
-def run_steps(tuning, seconds_by_answer, steps):
-    """``steps`` steps that ask ``q`` (rule "a", other "b") and take the time given for the answer they got."""
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_steps(tuning, seconds_by_answer, steps, around=0.0, asks=lambda step: True):
+    """``steps`` steps whose block asks ``q`` (rule "a", other "b") and takes the time given for its answer,
+    with ``around(step)`` seconds of the step's other work before and after it; steps where ``asks(step)``
+    is false do not ask ``q``. The answers the blocks got."""
+    clock = tuning.clock = FakeClock()
     answers = []
-    for _ in range(steps):
-        answers.append(tuning.answer("q", "a", "b"))
-        tuning.step_done(seconds_by_answer[answers[-1]])
+    for step in range(steps):
+        tuning.step_started()
+        clock.now += around
+        if asks(step):
+            with tuning.answering("q", "a", "b") as answer:
+                clock.now += seconds_by_answer[answer]
+            answers.append(answer)
+        clock.now += around
+        tuning.step_done()
     return answers
 
 
 def test_a_question_is_settled_on_interleaved_steps_and_kept():
     timer = KernelTimer(None)
     tuning = StepTuning(timer, "steps: ")
-    answers = run_steps(tuning, {"a": 0.010, "b": 0.008}, 1 + len(STEP_ORDER) + 2)
+    answers = run_steps(tuning, {"a": 10.0, "b": 8.0}, 1 + len(STEP_ORDER) + 2)
     assert answers == ["a"] + ["ab"[i] for i in STEP_ORDER] + ["b", "b"], "the rule first, then both in turn"
     assert tuning.done and timer.choices() == {"steps: q": "b"}
     (measurement,) = tuning.measurements
-    assert measurement.seconds == {"a": 0.010, "b": 0.008}
+    assert measurement.seconds == {"a": 10.0, "b": 8.0}
     again = StepTuning(timer, "steps: ")  # a later process on this machine
     assert run_steps(again, {"a": 0.0, "b": 0.0}, 2) == ["b", "b"] and again.measurements == []
 
 
-def test_a_step_time_within_the_margin_keeps_the_rule():
+def test_a_block_time_within_the_margin_keeps_the_rule():
     tuning = StepTuning(KernelTimer(None), "steps: ")
-    run_steps(tuning, {"a": 0.0100, "b": 0.0098}, 1 + len(STEP_ORDER))
+    run_steps(tuning, {"a": 10.0, "b": 9.5}, 1 + len(STEP_ORDER))
     assert tuning.settled == {"q": "a"}
+
+
+def test_only_the_questions_own_blocks_are_timed():
+    """The rest of a step (here growing by far more than the blocks differ) does not count, nor do steps
+    that never ran the question's op."""
+    tuning = StepTuning(KernelTimer(None), "steps: ")
+    answers = run_steps(tuning, {"a": 10.0, "b": 8.0}, 1 + 2 * len(STEP_ORDER), around=100.0, asks=lambda s: s % 2 == 0)
+    assert len(answers) == 1 + len(STEP_ORDER) and tuning.settled == {"q": "b"}
+    assert tuning.measurements[0].seconds == {"a": 10.0, "b": 8.0}
 
 
 def test_decode_steps_settle_each_product_and_attention_kernel(fresh_timer):

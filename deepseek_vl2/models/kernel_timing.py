@@ -2,10 +2,11 @@
 
 Which kernel runs a decode step's products fastest (PyTorch's GEMV or oneDNN) depends on the CPU and on
 everything else the step reads: timed apart, in a loop over hot operands, a product misjudges how it runs
-between the step's other reads. So a decode step's choices are settled on whole decode steps
-(:class:`StepTuning`, one question at a time, the two answers on interleaved steps); a prefill's product
-with quantized weights, compute-bound and able to run twice on its own operands, is timed on the call
-itself (:meth:`KernelTimer.choose`).
+between the step's other reads. So a decode step's choices are settled inside real decode steps
+(:class:`StepTuning`, one question at a time, the two answers on interleaved steps), timing only the
+blocks that run the question's op: a whole step's time drifts by more than a small product's share of
+it on a shared host. A prefill's product with quantized weights, compute-bound and able to run twice
+on its own operands, is timed on the call itself (:meth:`KernelTimer.choose`).
 The disk file keeps choices per machine (CPU model, vector extensions, torch version), so that later
 processes skip the timing.
 """
@@ -16,7 +17,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -31,10 +33,10 @@ DEFAULT_CACHE = Path("~/.cache/deepseek_vl2/kernel-choices.json")
 # the rule stands.
 MARGIN = 0.10
 REPEATS = 3
-# On whole steps, one question's share of a step is smaller, and medians of interleaved steps steadier.
-STEP_MARGIN = 0.05
 STEP_ORDER = (0, 1, 1, 0, 0, 1)  # first, other, ...: ABBAAB cancels a steady drift of the step time
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+# Kept choices carry the way they were timed: those settled on whole steps' times are timed again.
+TIMING_METHOD = "blocks in steps"
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def machine_key() -> str:
     if "cpu family" in fields:
         cpu += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
     features = "+".join(f for f in CPU_FEATURES if f in flags) or torch.backends.cpu.get_cpu_capability()
-    return f"{cpu} | {features} | torch {torch.__version__}"
+    return f"{cpu} | {features} | torch {torch.__version__} | {TIMING_METHOD}"
 
 
 def time_candidates(candidates: Sequence, trial: Callable[[object], object], repeats: int = REPEATS) -> dict:
@@ -118,7 +120,7 @@ class KernelTimer:
             return by_value[chosen]
 
     def keep(self, key: str, value: str) -> None:
-        """Keep a choice settled elsewhere (on whole steps)."""
+        """Keep a choice settled elsewhere (inside decode steps)."""
         with self._lock:
             self._kept()[key] = value
             self._save()
@@ -157,16 +159,17 @@ class KernelTimer:
 
 
 class StepTuning:
-    """Settles questions ("which kernel for this product?") on whole steps of one kind, one at a time.
+    """Settles questions ("which kernel for this product?") inside steps of one kind, one at a time.
 
-    During a step, :meth:`answer` gives the settled answer, or for the question under test the answer this
-    step tries (the first or the other, in :data:`STEP_ORDER`), or the first; :meth:`step_done` records
-    the step's time. After the order, the other answer is kept if its median step is :data:`STEP_MARGIN`
-    faster. Settled answers go to ``timer`` under ``prefix + question``.
+    A step's blocks that run a question's op ask :meth:`answering` for the kernel: the settled answer, or
+    for the question under test the answer this step tries (the first or the other, in
+    :data:`STEP_ORDER`), or the first. The tested question's blocks are timed and their time summed over
+    the step; :meth:`step_done` records it. After the order, the other answer is kept if its median is
+    :data:`MARGIN` faster. Settled answers go to ``timer`` under ``prefix + question``.
     """
 
-    def __init__(self, timer: KernelTimer, prefix: str):
-        self.timer, self.prefix = timer, prefix
+    def __init__(self, timer: KernelTimer, prefix: str, clock: Callable[[], float] = time.perf_counter):
+        self.timer, self.prefix, self.clock = timer, prefix, clock
         self.settled = {
             key.removeprefix(prefix): value for key, value in timer.choices().items() if key.startswith(prefix)
         }
@@ -174,19 +177,28 @@ class StepTuning:
         self.testing: str | None = None
         self.seconds: tuple[list[float], list[float]] = ([], [])
         self.measurements: list[Measurement] = []
+        self._spent: float | None = None  # this step's time in the tested question's blocks; None: not asked
 
-    def answer(self, question: str, first: str, other: str) -> str:
+    def step_started(self) -> None:
+        self._spent = None
+
+    @contextmanager
+    def answering(self, question: str, first: str, other: str) -> Iterator[str]:
+        """The answer for a block that runs ``question``'s op; while the question is under test, timed."""
         if question in self.settled:
-            return self.settled[question]
+            yield self.settled[question]
+            return
         self.seen.setdefault(question, (first, other))
         if question != self.testing:
-            return first
-        return self.seen[question][STEP_ORDER[sum(map(len, self.seconds))]]
+            yield first
+            return
+        start = self.clock()
+        yield self.seen[question][STEP_ORDER[sum(map(len, self.seconds))]]
+        self._spent = (self._spent or 0.0) + self.clock() - start  # not after an error: its time says nothing
 
-    def step_done(self, seconds: float) -> None:
-        if self.testing is not None:
-            trial = STEP_ORDER[sum(map(len, self.seconds))]
-            self.seconds[trial].append(seconds)
+    def step_done(self) -> None:
+        if self.testing is not None and self._spent is not None:
+            self.seconds[STEP_ORDER[sum(map(len, self.seconds))]].append(self._spent)
             if sum(map(len, self.seconds)) == len(STEP_ORDER):
                 self._settle()
         if self.testing is None:
@@ -195,7 +207,7 @@ class StepTuning:
     def _settle(self) -> None:
         question, (first, other) = self.testing, self.seen[self.testing]
         medians = [sorted(times)[len(times) // 2] for times in self.seconds]
-        chosen = other if medians[1] < (1 - STEP_MARGIN) * medians[0] else first
+        chosen = other if medians[1] < (1 - MARGIN) * medians[0] else first
         self.settled[question] = chosen
         self.measurements.append(Measurement(self.prefix + question, {first: medians[0], other: medians[1]}, chosen))
         self.timer.keep(self.prefix + question, chosen)

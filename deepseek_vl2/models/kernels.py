@@ -1,11 +1,12 @@
 """Which kernel runs each of the decoder's hot operations, on which device, in which dtype, at which size.
 
-The model asks :func:`choose` ("which kernel for this op, device, dtype and size?") and runs the kernel it
-names; nothing else decides. On CPU in bf16/fp16 the answers that differ between CPUs are measured
-(``kernel_timing``): a decode step's products, one-query attention and experts' path on whole decode
-steps (:func:`decode_step`), the original's call and the other on interleaved steps; a prefill's products
-with quantized weights on their first call of a size, which can run twice on its own operands. Fixed
-rules decide the rest, and everything where nothing is timed (float32, CUDA, ``DEEPSEEK_VL2_KERNEL_TIMING=0``).
+The model asks :func:`choose` ("which kernel for this op, device, dtype and size?"), or :func:`running` for
+a block that runs the op, and runs the kernel it names; nothing else decides. On CPU in bf16/fp16 the
+answers that differ between CPUs are measured (``kernel_timing``): a decode step's products, one-query
+attention and experts' path inside decode steps (:func:`decode_step`), the original's call and the other
+on interleaved steps, timing the blocks that run them; a prefill's products with quantized weights on
+their first call of a size, which can run twice on its own operands. Fixed rules decide the rest, and
+everything where nothing is timed (float32, CUDA, ``DEEPSEEK_VL2_KERNEL_TIMING=0``).
 The generic kernels chosen between live here too (the experts' own loops are methods of their module).
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
@@ -135,7 +135,7 @@ _WEIGHT_ONLY: dict[tuple[str, int], Kernel] = {("cpu", 8): Kernel.INT8_WEIGHT_ON
 _TIMED: dict[Op, tuple[tuple[Kernel, ...], int, float]] = {
     Op.QUANTIZED_PRODUCT: ((Kernel.WEIGHT_ONLY, Kernel.DEQUANTIZED), MIN_DEQUANTIZED_ROWS, math.inf),
 }
-# Settled on whole decode steps of up to MAX_STEP_ROWS tokens: the original's call first (oneDNN as PyTorch
+# Settled inside decode steps of up to MAX_STEP_ROWS tokens: the original's call first (oneDNN as PyTorch
 # dispatches by default; the experts one expert at a time), kept unless the other is clearly faster, so that
 # bf16 can match the original's bits; and the largest size asked within a step.
 STEP_TIMED: dict[Op, tuple[Kernel, Kernel, float]] = {
@@ -167,7 +167,7 @@ def time_kernels(enabled: bool) -> None:
 
 
 def measurements() -> list:
-    """Every timing this process made (``kernel_timing.Measurement``): on calls, then on whole steps."""
+    """Every timing this process made (``kernel_timing.Measurement``): on calls, then inside steps."""
     return TIMER.measurements + [m for tuning in _tunings.values() for m in tuning.measurements]
 
 
@@ -181,19 +181,19 @@ def _kind(dtype: torch.dtype, what: str) -> str:
 
 @contextmanager
 def decode_step(device: torch.device, dtype: torch.dtype, rows: int) -> Iterator[None]:
-    """A forward of ``rows`` new tokens: where timed, its products' kernels may be under test and its time counts."""
+    """A forward of ``rows`` new tokens: where timed, one of its kernel questions may be under test."""
     if not _timed_here(device, dtype) or rows > MAX_STEP_ROWS:
         yield
         return
     prefix = _kind(dtype, f"decode step of {rows} rows") + ": "
     tuning = _tunings.get(prefix) or _tunings.setdefault(prefix, StepTuning(TIMER, prefix))
     token = _current_step.set(tuning)
-    start = time.perf_counter()
+    tuning.step_started()
     try:
         yield
     finally:
         _current_step.reset(token)
-    tuning.step_done(time.perf_counter() - start)  # not after an error: its time says nothing
+    tuning.step_done()  # not after an error: its time says nothing
 
 
 def key_length_class(keys: int) -> str:
@@ -209,23 +209,41 @@ def choose(
     size: int,
     shapes: Sequence[tuple[int, ...]] = (),
     trial: Callable[[Kernel], object] | None = None,
-    role: str = "",
 ) -> Kernel:
     """The kernel to run ``op`` with, on ``device`` in ``dtype``, for ``size`` as :class:`Op` counts it.
 
-    Inside a timed :func:`decode_step`, products and one-query attention get the step's answer for their
-    ``role`` (which products: the layers', the LM head's, ...). ``trial(kernel)`` runs the op on the
-    caller's operands, whose ``shapes`` key the choice. Otherwise the rule decides.
+    ``trial(kernel)`` runs the op on the caller's operands, whose ``shapes`` key the choice; otherwise the
+    rule decides. The ops settled inside decode steps ask :func:`running` instead.
     """
-    step = _current_step.get()
-    original, other, largest = STEP_TIMED.get(op, (None, None, 0))
-    if step is not None and original is not None and size <= largest:
-        return Kernel(step.answer(f"{op.value}{'/' + role if role else ''} size {size}", original.value, other.value))
     question = (op, device.type, dtype, size, tuple(shapes), torch.get_num_threads())
     kernel = _chosen.get(question)
     if kernel is None:
         kernel = _chosen[question] = _answer(op, device, dtype, size, tuple(shapes), trial)
     return kernel
+
+
+@contextmanager
+def running(op: Op, device: torch.device, dtype: torch.dtype, size: int, role: str = "") -> Iterator[Kernel]:
+    """The kernel for a block that runs ``op`` (as :func:`choose` answers it outside decode steps).
+
+    Inside a timed :func:`decode_step`, the block gets the step's answer for its ``role`` (which products:
+    the layers', the LM head's, ...), and while that question is under test the block is timed.
+    """
+    step = _current_step.get()
+    original, other, largest = STEP_TIMED.get(op, (None, None, 0))
+    if step is None or original is None or size > largest:
+        yield choose(op, device, dtype, size)
+        return
+    question = f"{op.value}{'/' + role if role else ''} size {size}"
+    with step.answering(question, original.value, other.value) as answer:
+        yield Kernel(answer)
+
+
+@contextmanager
+def matmuls_running(op: Op, device: torch.device, dtype: torch.dtype, size: int, role: str = "") -> Iterator[None]:
+    """A block whose matrix products run on the kernel :func:`running` gives ``op`` (one of :data:`MATMUL_KERNELS`)."""
+    with running(op, device, dtype, size, role) as kernel, matmuls_on(kernel):
+        yield
 
 
 def _answer(op, device, dtype, size, shapes, trial) -> Kernel:
@@ -318,7 +336,7 @@ def attend_one_query(queries, keys, value, attention_mask, scale) -> torch.Tenso
     group = heads // kv_heads
     length = key_length_class(value.shape[-2])
     scores = None
-    with matmuls_on(choose(Op.ONE_QUERY_SCORES, value.device, value.dtype, group, role=length)):
+    with matmuls_running(Op.ONE_QUERY_SCORES, value.device, value.dtype, group, role=length):
         for query, key in zip(queries, keys):
             part = torch.matmul(query.reshape(batch, kv_heads, group, -1) * scale, key.transpose(-1, -2))
             scores = part if scores is None else scores + part
@@ -328,6 +346,6 @@ def attend_one_query(queries, keys, value, attention_mask, scale) -> torch.Tenso
     elif attention_mask is not None:
         scores = scores + attention_mask
     probs = scores.float().softmax(dim=-1).to(value.dtype).view(batch, kv_heads, group, -1)
-    with matmuls_on(choose(Op.ONE_QUERY_VALUES, value.device, value.dtype, group, role=length)):
+    with matmuls_running(Op.ONE_QUERY_VALUES, value.device, value.dtype, group, role=length):
         output = torch.matmul(probs, value)
     return output.view(batch, heads, 1, -1)

@@ -27,7 +27,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from ..utils.checkpoint import PageReleaser
 from .cache import BufferedLayer, DeepseekV2Cache, DeepseekV2GenerationMixin  # BufferedLayer: re-exported
 from .configuration import DeepseekV2Config
-from .kernels import Kernel, Op, attend_one_query, choose, decode_step, matmuls_on, sdpa
+from .kernels import Kernel, Op, attend_one_query, choose, decode_step, matmuls_running, running, sdpa
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -294,7 +294,7 @@ class DeepseekV2LatentAttention(nn.Module):
         kv_b = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_key, w_value = kv_b.split([self.nope_dim, self.v_dim], dim=1)
         queries = q_nope.shape[2]
-        with matmuls_on(choose(Op.LATENT_QUERY, q_nope.device, q_nope.dtype, queries)):
+        with matmuls_running(Op.LATENT_QUERY, q_nope.device, q_nope.dtype, queries):
             q_latent = torch.matmul(q_nope, w_key)  # [batch, heads, seq, rank]
         one_query = choose(Op.ATTENTION, q_latent.device, q_latent.dtype, queries) is Kernel.ONE_QUERY
         if one_query and not self.training:  # only SDPA has dropout
@@ -388,15 +388,15 @@ class DeepseekV2Experts(nn.Module):
 
         The path (pair by pair in place, gathered weights, or sorted segments) is chosen by ``kernels``.
         """
-        path = choose(Op.EXPERTS, hidden_states.device, hidden_states.dtype, top_k_index.numel())
-        return self._run(path, hidden_states, top_k_index, top_k_weights)
+        with running(Op.EXPERTS, hidden_states.device, hidden_states.dtype, top_k_index.numel()) as path:
+            return self._run(path, hidden_states, top_k_index, top_k_weights)
 
     def _run(self, path: Kernel, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         if path is Kernel.SORTED:
             return self._run_sorted(hidden_states, top_k_index, top_k_weights)
         if path is Kernel.EACH_PAIR:
             device, dtype = hidden_states.device, hidden_states.dtype
-            with matmuls_on(choose(Op.MATMUL, device, dtype, 1, role="expert_pairs")):  # one row per pair
+            with matmuls_running(Op.MATMUL, device, dtype, 1, role="expert_pairs"):  # one row per pair
                 expert_outputs = self._run_each(hidden_states, top_k_index)
         else:
             expert_outputs = self._run_gathered(hidden_states, top_k_index)
@@ -625,7 +625,7 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
         weight = self.lm_head.weight
         device, dtype = weight.device, weight.dtype
         with decode_step(device, dtype, num_tokens):
-            with matmuls_on(choose(Op.MATMUL, device, dtype, num_tokens, role="layers")):
+            with matmuls_running(Op.MATMUL, device, dtype, num_tokens, role="layers"):
                 outputs = self.model(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
@@ -636,7 +636,7 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
                 )
             hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
             rows = hidden_states.shape[:2].numel()
-            with matmuls_on(choose(Op.MATMUL, device, dtype, rows, role="lm_head")):
+            with matmuls_running(Op.MATMUL, device, dtype, rows, role="lm_head"):
                 logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
