@@ -199,6 +199,19 @@ def test_only_the_questions_own_blocks_are_timed():
     assert tuning.measurements[0].seconds == {"a": 10.0, "b": 8.0}
 
 
+def test_a_question_no_longer_asked_yields_its_turn():
+    """A warm-up's short prompt asks for a cache class that the long prompts after it never reach."""
+    tuning = StepTuning(KernelTimer(None), "steps: ")
+    tuning.clock = clock = FakeClock()
+    for step in range(1 + 2 * len(STEP_ORDER)):
+        tuning.step_started()
+        for question in ("short", "long") if step == 0 else ("long",):
+            with tuning.answering(question, "a", "b") as answer:
+                clock.now += {"a": 10.0, "b": 8.0}[answer]
+        tuning.step_done()
+    assert tuning.settled == {"long": "b"} and tuning.testing == "short"
+
+
 def test_decode_steps_settle_each_product_and_attention_kernel(fresh_timer):
     model = make_model(**CONFIGS["mha_gqa_bias"]).to(torch.bfloat16)
     cache = DeepseekV2Cache(config=model.config)

@@ -165,7 +165,8 @@ class StepTuning:
     for the question under test the answer this step tries (the first or the other, in
     :data:`STEP_ORDER`), or the first. The tested question's blocks are timed and their time summed over
     the step; :meth:`step_done` records it. After the order, the other answer is kept if its median is
-    :data:`MARGIN` faster. Settled answers go to ``timer`` under ``prefix + question``.
+    :data:`MARGIN` faster. A question no step has asked for as long as the order lasts yields its turn to
+    the next. Settled answers go to ``timer`` under ``prefix + question``.
     """
 
     def __init__(self, timer: KernelTimer, prefix: str, clock: Callable[[], float] = time.perf_counter):
@@ -178,6 +179,7 @@ class StepTuning:
         self.seconds: tuple[list[float], list[float]] = ([], [])
         self.measurements: list[Measurement] = []
         self._spent: float | None = None  # this step's time in the tested question's blocks; None: not asked
+        self._idle = 0  # steps in a row that did not ask the question under test
 
     def step_started(self) -> None:
         self._spent = None
@@ -197,12 +199,26 @@ class StepTuning:
         self._spent = (self._spent or 0.0) + self.clock() - start  # not after an error: its time says nothing
 
     def step_done(self) -> None:
-        if self.testing is not None and self._spent is not None:
+        if self.testing is not None and self._spent is None:
+            self._idle += 1
+            if self._idle >= len(STEP_ORDER):  # e.g. a short prompt's cache class: others take the turn
+                self._test_next(after=self.testing)
+        elif self.testing is not None:
+            self._idle = 0
             self.seconds[STEP_ORDER[sum(map(len, self.seconds))]].append(self._spent)
             if sum(map(len, self.seconds)) == len(STEP_ORDER):
                 self._settle()
         if self.testing is None:
-            self.testing = next((q for q in self.seen if q not in self.settled), None)
+            self._test_next()
+
+    def _test_next(self, after: str | None = None) -> None:
+        """Test the first unsettled question, or the next one after ``after`` (which yields its turn)."""
+        waiting = [q for q in self.seen if q not in self.settled]
+        if after in waiting:
+            index = waiting.index(after) + 1
+            waiting = waiting[index:] + waiting[:index]
+        self.testing = waiting[0] if waiting else None
+        self.seconds, self._idle = ([], []), 0
 
     def _settle(self) -> None:
         question, (first, other) = self.testing, self.seen[self.testing]
@@ -211,7 +227,7 @@ class StepTuning:
         self.settled[question] = chosen
         self.measurements.append(Measurement(self.prefix + question, {first: medians[0], other: medians[1]}, chosen))
         self.timer.keep(self.prefix + question, chosen)
-        self.testing, self.seconds = None, ([], [])
+        self.testing = None
 
     @property
     def done(self) -> bool:
