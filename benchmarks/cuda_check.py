@@ -6,6 +6,8 @@
 3. Speed and memory at the real dimensions (random weights), bf16: TTFT and decode tokens/s for one image
    and a text prompt at batch 1 and 4 (tiny; small too if the GPU holds it), with the memory planner's
    predicted peaks (for one request, so batch 1) beside ``torch.cuda.max_memory_allocated``.
+4. Quantized weights (int8, int4), whose CUDA path dequantizes each weight for its product: parity of the
+   tiny test checkpoint quantized on CUDA against the same on CPU, and tiny's speed and memory.
 
     python benchmarks/cuda_check.py                       # writes benchmarks/results-cuda-check.json
     python benchmarks/cuda_check.py --skip_small          # tiny only
@@ -32,25 +34,40 @@ import bench
 from deepseek_vl2.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from deepseek_vl2.models.kernels import Op, choose
 from deepseek_vl2.planner import plan_memory
+from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
+from deepseek_vl2.quantization.selection import quantize_in_place
 from deepseek_vl2.testing.checkpoints import build_checkpoint
 from deepseek_vl2.testing.published import VARIANTS
 
 CPU, GIB = torch.device("cpu"), 2**30
 KERNEL_SIZES = (1, 2, 4, 16, 64, 1024)
 SMALL_NEEDS = 48 * GIB  # small's 30 GiB of bf16 weights, activations at batch 4 and the runtime
+# int4 groups the test checkpoints take (their experts are 32 wide); the real dimensions take the default.
+TEST_GROUP_SIZES = {"int8": None, "int4": 32}
+
+
+def test_quantization(setting: str | None) -> DeepseekVL2QuantizationConfig | None:
+    if setting is None:
+        return None
+    return DeepseekVL2QuantizationConfig(bits=int(setting.removeprefix("int")), group_size=TEST_GROUP_SIZES[setting])
 
 
 @torch.no_grad()
-def parity(variant: str, folder: Path, device: torch.device, new_tokens: int) -> dict:
-    """fp32 logits and greedy tokens of one image prompt on ``device`` against the CPU."""
-    path = build_checkpoint(folder / variant, variant, dtype=torch.float32)
+def parity(variant: str, folder: Path, device: torch.device, new_tokens: int, setting: str | None = None) -> dict:
+    """fp32 logits and greedy tokens of one image prompt on ``device`` against the CPU (``setting``: the
+    weights quantized, "int8" or "int4", on each device's own path)."""
+    path = folder / variant
+    if not path.is_dir():
+        build_checkpoint(path, variant, dtype=torch.float32)
     processor = DeepseekVLV2Processor.from_pretrained(path)
     inputs = processor(
         conversations=bench.chat("Describe the picture.", 1), images=[bench.picture(640, 480, 1)], force_batchify=True
     )
     outputs = {}
     for where in (CPU, device):
-        model = DeepseekVLV2ForCausalLM.from_pretrained(path, dtype=torch.float32).to(where).eval()
+        model = DeepseekVLV2ForCausalLM.from_pretrained(
+            path, dtype=torch.float32, device_map=str(where), quantization_config=test_quantization(setting)
+        ).eval()
         batch = inputs.to(where)
         image_inputs = {k: batch[k] for k in ("images", "images_seq_mask", "images_spatial_crop")}
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **image_inputs).logits
@@ -63,6 +80,7 @@ def parity(variant: str, folder: Path, device: torch.device, new_tokens: int) ->
     difference = (gpu_logits - cpu_logits).abs().max().item()
     return {
         "variant": variant,
+        "weights": setting or "fp32",
         "max_abs_logit_difference": difference,
         "relative_logit_difference": difference / cpu_logits.abs().max().item(),
         "same_greedy_tokens": torch.equal(cpu_tokens, gpu_tokens),
@@ -74,9 +92,14 @@ def kernels_chosen(device: torch.device, dtype: torch.dtype) -> dict[str, dict[i
     return {op.value: {size: choose(op, device, dtype, size).value for size in KERNEL_SIZES} for op in Op}
 
 
-def speed(variant: str, device: torch.device, new_tokens: int) -> list[dict]:
-    """bench.py's workloads at the real dimensions, with the planner's predicted peaks beside the measured."""
+def speed(variant: str, device: torch.device, new_tokens: int, setting: str | None = None) -> list[dict]:
+    """bench.py's workloads at the real dimensions, with the planner's predicted peaks beside the measured
+    (bf16 only: the planner plans quantized loads for the CPU)."""
+    torch.cuda.reset_peak_memory_stats(device)
     model = bench.build_model(variant, None, torch.bfloat16, device)
+    if setting is not None:
+        quantize_in_place(model, DeepseekVL2QuantizationConfig.from_short_form(setting))
+        torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as folder:
         processor = bench.build_processor(variant, folder)
     args = argparse.Namespace(new_tokens=new_tokens)
@@ -89,15 +112,17 @@ def speed(variant: str, device: torch.device, new_tokens: int) -> list[dict]:
             inputs = bench.workload(processor, name, batch, 218)
             result, _ = bench.run(model, processor, inputs, args, device, None)
             predicted = None
-            if batch == 1:  # the planner plans one request
+            if batch == 1 and setting is None:  # the planner plans one request
                 images = 1 if name == "one_image" else 0
                 text_tokens = inputs.input_ids.shape[-1] - int(inputs.images_seq_mask.sum())
                 plan = plan_memory(
                     model.config, gpu_memory, images=images, text_tokens=text_tokens, max_new_tokens=new_tokens
                 )
                 predicted = (plan.weight_total + plan.activation_peak) / GIB
-            rows.append({"variant": variant, "workload": name, **result, "planner_peak_gb": predicted})
-            print(f"  {variant} {name} x{batch}: TTFT {result['ttft_s']:.3f} s, "
+            weights = setting or "bf16"
+            rows.append({"variant": variant, "weights": weights, "workload": name, **result})
+            rows[-1]["planner_peak_gb"] = predicted
+            print(f"  {variant} {weights} {name} x{batch}: TTFT {result['ttft_s']:.3f} s, "
                   f"decode {result['decode_tokens_per_s']:.1f} tok/s, peak {result['peak_gb']:.2f} GiB", flush=True)
     del model
     torch.cuda.empty_cache()
@@ -108,15 +133,16 @@ def table(report: dict) -> str:
     lines = ["| check | result |", "|---|---|"]
     for row in report["parity"]:
         lines.append(
-            f"| fp32 {row['variant']}: CUDA vs CPU | max logit diff {row['max_abs_logit_difference']:.2e} "
+            f"| {row['weights']} {row['variant']}: CUDA vs CPU | max logit diff {row['max_abs_logit_difference']:.2e} "
             f"(rel {row['relative_logit_difference']:.1e}), same {row['tokens']} greedy tokens: "
             f"{row['same_greedy_tokens']} |"
         )
     for row in report["speed"]:
         lines.append(
-            f"| bf16 {row['variant']} {row['workload']} x{row['batch']} | TTFT {row['ttft_s']:.3f} s, "
+            f"| {row['weights']} {row['variant']} {row['workload']} x{row['batch']} | TTFT {row['ttft_s']:.3f} s, "
             f"decode {row['decode_tokens_per_s']:.1f} tok/s ({row['decode_over_roofline']:.0%} of roofline), "
-            f"peak {row['peak_gb']:.2f} GiB" + (f", planner {row['planner_peak_gb']:.2f} GiB" if row["planner_peak_gb"] else "")
+            f"peak {row['peak_gb']:.2f} GiB"
+            + (f", planner {row['planner_peak_gb']:.2f} GiB" if row["planner_peak_gb"] else "")
             + " |"
         )
     return "\n".join(lines)
@@ -144,8 +170,11 @@ def main(argv=None) -> int:
     print(f"{report['gpu']}, torch {report['torch']}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         report["parity"] = [parity(variant, Path(folder), device, 16) for variant in VARIANTS]
+        report["parity"] += [parity("tiny", Path(folder), device, 16, setting) for setting in TEST_GROUP_SIZES]
     print("parity done", flush=True)
     report["speed"] = speed("tiny", device, args.new_tokens)
+    for setting in TEST_GROUP_SIZES:
+        report["speed"] += speed("tiny", device, args.new_tokens, setting)
     fits_small = torch.cuda.get_device_properties(device).total_memory >= SMALL_NEEDS
     if fits_small and not args.skip_small:
         report["speed"] += speed("small", device, args.new_tokens)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from bench import best_time, matmul_rate, memory_bandwidth
 
-from deepseek_vl2.models.kernels import choose_weight_only, onednn_matmuls, weight_only_linear
+from deepseek_vl2.models.kernels import quantized_kernel, onednn_matmuls, weight_only_linear
 from deepseek_vl2.quantization.config import DEFAULT_INT4_GROUP_SIZE
 from deepseek_vl2.quantization.packing import quantize
 
@@ -55,7 +55,7 @@ def weight_only_streaming(shape: tuple[int, int], rows: int, bits: int, total_by
     matrix = torch.randn(shape).to(torch.bfloat16)
     weights = [quantize(matrix, bits, group_size) for _ in range(count)]
     weights = [(w.clone(), s.clone()) for w, s in weights]  # distinct storage: no cache reuse across matrices
-    kernel = choose_weight_only(CPU, bits)
+    kernel = quantized_kernel(CPU, bits)
     x = torch.randn(rows, shape[1]).to(torch.bfloat16)
 
     def run():

@@ -27,7 +27,7 @@ from transformers.utils import CONFIG_NAME
 from .grounding import GROUNDED_IMAGE, GroundingResult, clean_answer, overlays, parse_grounding
 from .models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from .models.conversation import ASSISTANT, SYSTEM, USER, is_system_role, place_images
-from .models.kernels import choose_weight_only
+from .models.kernels import quantized_kernel
 from .models.reuse import PromptKey, ReuseCache, model_context, prompt_image_runs
 from .planner import default_reuse_budget
 from .quantization import DeepseekVL2QuantizationConfig
@@ -218,7 +218,7 @@ class DeepseekVL2Chat:
         if isinstance(quantization, str):
             quantization = DeepseekVL2QuantizationConfig.from_short_form(quantization)
         if quantization is not None:
-            choose_weight_only(torch.device(device or "cpu"), quantization.bits)  # a device without a kernel: now
+            quantized_kernel(torch.device(device or "cpu"), quantization.bits)  # a device without a kernel: now
         if chunk_size is not None:  # checked again by __init__, but before the minutes of loading
             check_chunk_size(chunk_size)
         check_reuse(reuse, reuse_budget)

@@ -55,7 +55,8 @@ def add_loading_options(parser: argparse.ArgumentParser, *model_aliases: str) ->
         "--quantization",
         "--quantize",
         choices=tuple(SHORT_FORMS),
-        help="quantize the decoder's weights while loading: int8 (half of bf16) or int4 (a quarter); CPU only for now",
+        help="quantize the decoder's weights while loading: int8 (half of bf16) or int4 (a quarter); "
+        "on CUDA an unmeasured fallback",
     )
 
 

@@ -726,7 +726,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     memory.add_argument("--gpu-memory", help="memory of each GPU, e.g. 40GiB, 24GB")
     memory.add_argument("--ram", help="plan for the CPU instead, with this much RAM, e.g. 24GiB")
     parser.add_argument(
-        "--quantize", choices=list(SHORT_FORMS), help="with --ram: the weights quantized while loading (CPU only)"
+        "--quantize", choices=list(SHORT_FORMS), help="with --ram: the weights quantized while loading (CPU plan)"
     )
     parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
     parser.add_argument("--cpu-memory", help="RAM for offloaded weights (default: as much as needed)")
@@ -748,7 +748,10 @@ def run(args: argparse.Namespace) -> int:
     }
     try:
         if args.quantize and not args.ram:
-            raise ValueError("--quantize plans a CPU load (quantized models run on CPU): give --ram, not --gpu-memory")
+            raise ValueError(
+                "--quantize plans a CPU load (the CUDA path of quantized models is not measured yet): "
+                "give --ram, not --gpu-memory; the plan's weights are what a GPU would hold too"
+            )
         dtype = pick_dtype(args.dtype)
         if args.ram:
             plan = plan_cpu_memory(args.model_path, args.ram, quantization=args.quantize, dtype=dtype, **request)

@@ -14,14 +14,15 @@ from safetensors.torch import load_file, save_file
 from test_model import encode, generation_kwargs, picture
 from transformers import BitsAndBytesConfig
 
-from deepseek_vl2.models import DeepseekV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
-from deepseek_vl2.models.kernels import MIN_DEQUANTIZED_ROWS, Kernel, choose_weight_only
+from deepseek_vl2.models import DeepseekV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor, kernels
+from deepseek_vl2.models.kernels import MIN_DEQUANTIZED_ROWS, Kernel, Op, quantized_kernel
 from deepseek_vl2.models.language import DeepseekV2Experts
 from deepseek_vl2.quantization import (
     DeepseekVL2QuantizationConfig,
     DeepseekVL2Quantizer,
     QuantizedExperts,
     QuantizedLinear,
+    modules,
 )
 from deepseek_vl2.quantization.modules import QuantizedWeights
 from deepseek_vl2.quantization.packing import (
@@ -36,7 +37,7 @@ from deepseek_vl2.quantization.packing import (
 )
 from deepseek_vl2.quantization.selection import quantization_targets
 
-CPU = torch.device("cpu")
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU is needed to ask
 ROOT = Path(__file__).resolve().parents[1]
 # The settings the test checkpoints take: their experts are 32 channels wide, so int4 needs groups of 32.
 SETTINGS = {"int8": DeepseekVL2QuantizationConfig(bits=8), "int4": DeepseekVL2QuantizationConfig(bits=4, group_size=32)}
@@ -121,8 +122,10 @@ def experts_config() -> DeepseekV2Config:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("tokens", [3, 40])  # 6 pairs run in place, pair by pair; 80 pairs grouped by expert
-def test_quantized_experts_equal_float_experts_with_the_dequantized_weights(bits, tokens):
+@pytest.mark.parametrize(
+    ("path", "tokens"), [(Kernel.EACH_PAIR, 3), (Kernel.GATHERED, 3), (Kernel.SORTED, 40)]
+)  # a decode step's 6 pairs on CPU, the same on CUDA, a prefill's 80 pairs grouped by expert
+def test_quantized_experts_equal_float_experts_with_the_dequantized_weights(bits, path, tokens):
     torch.manual_seed(0)
     config = experts_config()
     float_experts = DeepseekV2Experts(config)
@@ -136,7 +139,7 @@ def test_quantized_experts_equal_float_experts_with_the_dequantized_weights(bits
         hidden = torch.randn(tokens, 64)
         index = torch.randint(0, 8, (tokens, 2))
         weights = torch.rand(tokens, 2)
-        assert_products_close(quantized(hidden, index, weights), float_experts(hidden, index, weights))
+        assert_products_close(quantized._run(path, hidden, index, weights), float_experts(hidden, index, weights))
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +193,33 @@ def test_quantized_model_equals_the_float_model_with_dequantized_weights(quantiz
     with torch.no_grad():
         got = model.generate(**{k: inputs[k] for k in INPUTS}, **kwargs)
         expected = twin.generate(**{k: inputs[k] for k in INPUTS}, **kwargs)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    for step, (actual, reference) in enumerate(zip(got.logits, expected.logits)):
+        assert_products_close(actual, reference), step
+
+
+@pytest.mark.parametrize("setting", ["int8", "int4"])
+def test_the_cuda_way_run_on_cpu_gives_the_dequantized_models_tokens(quantized, checkpoint_dir, setting, monkeypatch):
+    """CUDA's rules (each product on its weight dequantized for the call, a decode step's experts gathered),
+    run on CPU for want of a GPU: the same exactness as the CPU's weight-only kernels."""
+    for bits in (8, 4):
+        monkeypatch.setitem(kernels._QUANTIZED_KERNELS, ("cpu", bits), kernels._QUANTIZED_KERNELS["cuda", bits])
+    monkeypatch.setitem(kernels._RULES, Op.EXPERTS, lambda device, dtype, pairs: kernels._experts(CUDA, dtype, pairs))
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(modules, "weight_only_linear", lambda *args: pytest.fail("a weight-only kernel ran"))
+    gathered, real_gathered = [], QuantizedExperts._gathered_weights
+    monkeypatch.setattr(
+        QuantizedExperts, "_gathered_weights", lambda self, *args: gathered.append(1) or real_gathered(self, *args)
+    )
+    model = quantized("tiny", setting)
+    twin = dequantized_twin(model, checkpoint_dir("tiny"))
+    processor = DeepseekVLV2Processor.from_pretrained(checkpoint_dir("tiny"))
+    inputs = encode(processor, "Describe the picture.", [picture(400, 300, seed=2)])
+    kwargs = {**generation_kwargs(processor, output_logits=True, return_dict_in_generate=True), "max_new_tokens": 8}
+    with torch.no_grad():
+        got = model.generate(**{k: inputs[k] for k in INPUTS}, **kwargs)
+        expected = twin.generate(**{k: inputs[k] for k in INPUTS}, **kwargs)
+    assert gathered, "decode steps gathered their experts' quantized weights"
     assert got.sequences.tolist() == expected.sequences.tolist()
     for step, (actual, reference) in enumerate(zip(got.logits, expected.logits)):
         assert_products_close(actual, reference), step
@@ -423,12 +453,15 @@ def test_other_quantization_libraries_are_refused_by_name(checkpoint_dir):
 
 
 def test_a_device_without_a_kernel_is_named():
-    assert choose_weight_only(CPU, 8) is Kernel.INT8_WEIGHT_ONLY
-    assert choose_weight_only(CPU, 4) is Kernel.INT4_WEIGHT_ONLY
-    with pytest.raises(ValueError, match="no kernel for int4 weights on cuda: supported are int8 on cpu, int4 on cpu"):
-        choose_weight_only(torch.device("cuda"), 4)
-    with pytest.raises(ValueError, match="no kernel for int8 weights on cuda"):
-        DeepseekVL2Quantizer(SETTINGS["int8"], pre_quantized=False).validate_environment(device_map={"": "cuda"})
+    assert quantized_kernel(CPU, 8) is Kernel.INT8_WEIGHT_ONLY
+    assert quantized_kernel(CPU, 4) is Kernel.INT4_WEIGHT_ONLY
+    assert quantized_kernel(CUDA, 8) is quantized_kernel(CUDA, 4) is Kernel.DEQUANTIZED
+    DeepseekVL2Quantizer(SETTINGS["int4"], pre_quantized=False).validate_environment(device_map={"": "cuda"})
+    supported = "supported are int8 on cpu, int4 on cpu, int8 on cuda, int4 on cuda"
+    with pytest.raises(ValueError, match=f"no kernel for int4 weights on mps: {supported}"):
+        quantized_kernel(torch.device("mps"), 4)
+    with pytest.raises(ValueError, match="no kernel for int8 weights on xpu"):
+        DeepseekVL2Quantizer(SETTINGS["int8"], pre_quantized=False).validate_environment(device_map={"": "xpu"})
 
 
 def test_chat_api_and_cli_quantize_while_loading(checkpoint_dir, quantized, capsys):

@@ -63,7 +63,7 @@ class Kernel(Enum):
     SORTED = "sorted"  # ``DeepseekV2Experts._run_sorted``
     INT8_WEIGHT_ONLY = "int8_weight_only"  # ``aten._weight_int8pack_mm``: int8 weights, a scale per output channel
     INT4_WEIGHT_ONLY = "int4_weight_only"  # ``aten._weight_int4pack_mm_for_cpu``: packed int4, grouped scales, zeros
-    WEIGHT_ONLY = "weight_only"  # the weight-only kernel of the weights' bits (:func:`choose_weight_only`)
+    WEIGHT_ONLY = "weight_only"  # the device's kernel for the weights' bits (:func:`quantized_kernel`)
     DEQUANTIZED = "dequantized"  # quantized weights dequantized to the activations' dtype, then one matrix product
 
 
@@ -101,7 +101,8 @@ def _latent_query(device: torch.device, dtype: torch.dtype, queries: int) -> Ker
 
 
 def _quantized_product(device: torch.device, dtype: torch.dtype, rows: int) -> Kernel:
-    """Untimed: the weight-only kernel, which reads the quantized bytes (dequantizing would read more)."""
+    """Untimed: the device's kernel for the weights' bits (:func:`quantized_kernel`); on CPU the weight-only
+    kernel, which reads the quantized bytes (dequantizing would read more)."""
     return Kernel.WEIGHT_ONLY
 
 
@@ -125,9 +126,16 @@ _RULES: dict[Op, Callable[[torch.device, torch.dtype, int], Kernel]] = {
 }
 
 
-# The weight-only kernels per (device type, bits). PyTorch's CUDA int4 op (tinygemm) wants another packing,
-# and no GPU has been at hand to measure it: quantized models run on CPU only for now.
-_WEIGHT_ONLY: dict[tuple[str, int], Kernel] = {("cpu", 8): Kernel.INT8_WEIGHT_ONLY, ("cpu", 4): Kernel.INT4_WEIGHT_ONLY}
+# How a product with quantized weights runs, per (device type, bits). On CPU, PyTorch's weight-only kernels
+# read the quantized bytes. On CUDA each product dequantizes its weight for the call and cuBLAS multiplies:
+# the weights stay quantized in GPU memory (what lets small and base fit), at a cost in speed. PyTorch's
+# CUDA int4 kernel (tinygemm) wants another packing, and no GPU has been at hand to measure either.
+_QUANTIZED_KERNELS: dict[tuple[str, int], Kernel] = {
+    ("cpu", 8): Kernel.INT8_WEIGHT_ONLY,
+    ("cpu", 4): Kernel.INT4_WEIGHT_ONLY,
+    ("cuda", 8): Kernel.DEQUANTIZED,
+    ("cuda", 4): Kernel.DEQUANTIZED,
+}
 
 
 # Timed on the caller's own trial: the candidates, the rule's first (kept when the other is not clearly
@@ -254,15 +262,15 @@ def _answer(op, device, dtype, size, shapes, trial) -> Kernel:
     return TIMER.choose(key, candidates, lambda: time_candidates(candidates, trial))
 
 
-def choose_weight_only(device: torch.device, bits: int) -> Kernel:
+def quantized_kernel(device: torch.device, bits: int) -> Kernel:
     """The kernel multiplying by ``bits``-bit weights on ``device``; ValueError where there is none.
 
-    These kernels read the quantized bytes themselves: dequantizing whole matrices before a bf16 product
-    would read more bytes than bf16 alone.
+    On CPU these kernels read the quantized bytes themselves: dequantizing whole matrices before a bf16
+    product would read more bytes than bf16 alone.
     """
-    kernel = _WEIGHT_ONLY.get((torch.device(device).type, bits))
+    kernel = _QUANTIZED_KERNELS.get((torch.device(device).type, bits))
     if kernel is None:
-        supported = ", ".join(f"int{b} on {d}" for d, b in _WEIGHT_ONLY)
+        supported = ", ".join(f"int{b} on {d}" for d, b in _QUANTIZED_KERNELS)
         raise ValueError(f"no kernel for int{bits} weights on {torch.device(device).type}: supported are {supported}")
     return kernel
 

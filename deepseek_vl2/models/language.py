@@ -424,12 +424,16 @@ class DeepseekV2Experts(nn.Module):
                 outputs.append(self._down(self.act_fn(gate) * up, expert))
         return torch.stack(outputs)
 
+    def _gathered_weights(self, expert_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [pairs, 2I, H], down [pairs, H, I]): the weights of each pair's expert, copied."""
+        return self.gate_up_proj[expert_ids], self.down_proj[expert_ids]
+
     def _run_gathered(self, hidden_states, top_k_index) -> torch.Tensor:
         """Gather each pair's expert weights and use batched matmuls (no host sync)."""
-        expert_ids = top_k_index.reshape(-1)
+        gate_up_proj, down_proj = self._gathered_weights(top_k_index.reshape(-1), hidden_states.dtype)
         tokens = hidden_states.repeat_interleave(top_k_index.shape[1], dim=0).unsqueeze(-1)
-        gate, up = torch.bmm(self.gate_up_proj[expert_ids], tokens).squeeze(-1).chunk(2, dim=-1)
-        return torch.bmm(self.down_proj[expert_ids], (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
+        gate, up = torch.bmm(gate_up_proj, tokens).squeeze(-1).chunk(2, dim=-1)
+        return torch.bmm(down_proj, (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
 
     def _run_sorted(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """Sort (token, expert) pairs by expert, run each hit expert once on its segment (one host sync).

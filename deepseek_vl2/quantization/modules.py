@@ -2,8 +2,9 @@
 
 Each keeps its float layer's interface and parameter names; a weight ``w`` gains a ``w_scale``
 companion (per output channel for int8, per group for int4, see ``packing``). The products run on
-``kernels.weight_only_linear``, which reads the quantized bytes, or for many rows where it was faster on
-the first call of that size, on the weights dequantized for the call (:func:`quantized_product`).
+``kernels.weight_only_linear``, which reads the quantized bytes, or on the weights dequantized for the call:
+on CPU for many rows where that was faster on the first call of that size, on CUDA always
+(:func:`quantized_product`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.kernels import Kernel, Op, choose, choose_weight_only, weight_only_linear
+from ..models.kernels import Kernel, Op, choose, quantized_kernel, weight_only_linear
 from ..models.language import DeepseekV2Experts
 from .packing import dequantize, empty_quantized, quantize
 
@@ -25,9 +26,11 @@ def quantized_product(x: torch.Tensor, weight, scale, bits: int, group_size: int
     size = 1 << max(rows.bit_length() - 1, 0)  # timed per power of two: prefill lengths vary
 
     def run(kernel: Kernel) -> torch.Tensor:
+        if kernel is Kernel.WEIGHT_ONLY:
+            kernel = quantized_kernel(x.device, bits)
         if kernel is Kernel.DEQUANTIZED:
             return F.linear(x, dequantize(weight, scale, bits, x.dtype))
-        return weight_only_linear(x, choose_weight_only(x.device, bits), weight, scale, group_size)
+        return weight_only_linear(x, kernel, weight, scale, group_size)
 
     return run(choose(Op.QUANTIZED_PRODUCT, x.device, x.dtype, size, [tuple(weight.shape), (bits,)], trial=run))
 
@@ -106,3 +109,8 @@ class QuantizedExperts(QuantizedWeights, DeepseekV2Experts):
         return quantized_product(
             tokens, self.down_proj[expert], self.down_proj_scale[expert], self.bits, self.group_size
         )
+
+    def _gathered_weights(self, expert_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs' experts' weights, gathered quantized (a quarter to a half of the bytes), then dequantized."""
+        weights = [(getattr(self, name), getattr(self, name + SCALE_SUFFIX)) for name in self.quantized_names]
+        return tuple(dequantize(weight[expert_ids], scale[expert_ids], self.bits, dtype) for weight, scale in weights)

@@ -15,7 +15,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import register_quantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from ..models.kernels import choose_weight_only
+from ..models.kernels import quantized_kernel
 from ..models.language import StackExperts
 from .config import QUANT_METHOD, DeepseekVL2QuantizationConfig
 from .modules import SCALE_SUFFIX, QuantizedExperts, QuantizedWeights
@@ -87,7 +87,7 @@ class DeepseekVL2Quantizer(HfQuantizer):
         for place in places:
             if place in ("disk", "auto"):
                 raise ValueError(f"quantized models do not support device_map placement {place!r}: load them whole")
-            choose_weight_only(torch.device(place), self.quantization_config.bits)
+            quantized_kernel(torch.device(place), self.quantization_config.bits)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
