@@ -203,7 +203,7 @@ def test_a_question_no_longer_asked_yields_its_turn():
     """A warm-up's short prompt asks for a cache class that the long prompts after it never reach."""
     tuning = StepTuning(KernelTimer(None), "steps: ")
     tuning.clock = clock = FakeClock()
-    for step in range(1 + 2 * len(STEP_ORDER)):
+    for step in range(2 + len(STEP_ORDER)):
         tuning.step_started()
         for question in ("short", "long") if step == 0 else ("long",):
             with tuning.answering(question, "a", "b") as answer:

@@ -165,8 +165,8 @@ class StepTuning:
     for the question under test the answer this step tries (the first or the other, in
     :data:`STEP_ORDER`), or the first. The tested question's blocks are timed and their time summed over
     the step; :meth:`step_done` records it. After the order, the other answer is kept if its median is
-    :data:`MARGIN` faster. A question no step has asked for as long as the order lasts yields its turn to
-    the next. Settled answers go to ``timer`` under ``prefix + question``.
+    :data:`MARGIN` faster. A question that a step did not ask yields its turn to one that it did.
+    Settled answers go to ``timer`` under ``prefix + question``.
     """
 
     def __init__(self, timer: KernelTimer, prefix: str, clock: Callable[[], float] = time.perf_counter):
@@ -179,10 +179,10 @@ class StepTuning:
         self.seconds: tuple[list[float], list[float]] = ([], [])
         self.measurements: list[Measurement] = []
         self._spent: float | None = None  # this step's time in the tested question's blocks; None: not asked
-        self._idle = 0  # steps in a row that did not ask the question under test
+        self._asked: list[str] = []  # the unsettled questions this step asked
 
     def step_started(self) -> None:
-        self._spent = None
+        self._spent, self._asked = None, []
 
     @contextmanager
     def answering(self, question: str, first: str, other: str) -> Iterator[str]:
@@ -191,6 +191,7 @@ class StepTuning:
             yield self.settled[question]
             return
         self.seen.setdefault(question, (first, other))
+        self._asked.append(question)
         if question != self.testing:
             yield first
             return
@@ -200,25 +201,20 @@ class StepTuning:
 
     def step_done(self) -> None:
         if self.testing is not None and self._spent is None:
-            self._idle += 1
-            if self._idle >= len(STEP_ORDER):  # e.g. a short prompt's cache class: others take the turn
-                self._test_next(after=self.testing)
+            self._test_next()  # no longer asked (a short prompt's cache class, say): another takes the turn
         elif self.testing is not None:
-            self._idle = 0
             self.seconds[STEP_ORDER[sum(map(len, self.seconds))]].append(self._spent)
             if sum(map(len, self.seconds)) == len(STEP_ORDER):
                 self._settle()
         if self.testing is None:
             self._test_next()
 
-    def _test_next(self, after: str | None = None) -> None:
-        """Test the first unsettled question, or the next one after ``after`` (which yields its turn)."""
-        waiting = [q for q in self.seen if q not in self.settled]
-        if after in waiting:
-            index = waiting.index(after) + 1
-            waiting = waiting[index:] + waiting[:index]
-        self.testing = waiting[0] if waiting else None
-        self.seconds, self._idle = ([], []), 0
+    def _test_next(self) -> None:
+        """Test an unsettled question, one this step asked first (the one under test keeps its times)."""
+        waiting = [q for q in self._asked + list(self.seen) if q not in self.settled]
+        testing = waiting[0] if waiting else None
+        if testing != self.testing:
+            self.testing, self.seconds = testing, ([], [])
 
     def _settle(self) -> None:
         question, (first, other) = self.testing, self.seen[self.testing]
