@@ -15,6 +15,7 @@ from test_model import encode, generation_kwargs, picture
 from transformers import BitsAndBytesConfig
 
 from deepseek_vl2.models import DeepseekV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor, kernels
+from deepseek_vl2.models.cache import DeepseekV2Cache
 from deepseek_vl2.models.kernels import MIN_DEQUANTIZED_ROWS, Kernel, Op, quantized_kernel
 from deepseek_vl2.models.language import DeepseekV2Experts
 from deepseek_vl2.quantization import (
@@ -80,9 +81,14 @@ def test_every_int4_layout_unpacks_what_it_packs_and_repacks_into_this_machines(
 def test_dequantizing_into_a_dtype_rounds_the_float32_values_once(bits, dtype):
     weight = torch.randn(3, 80, 128, generator=torch.Generator().manual_seed(bits)).to(dtype)
     quantized, scale = quantize(weight, bits, 32 if bits == 4 else None)
+    if bits == 8:
+        values = quantized.float() * scale.float().unsqueeze(-1)
+    else:  # w = (level - 8) * scale + zero, per group of 32 input channels
+        scales, zeros = scale.float().transpose(-3, -2).repeat_interleave(32, dim=-2).unbind(-1)
+        values = (unpack_int4(quantized).float() - 8) * scales + zeros
     direct = dequantize(quantized, scale, bits, dtype)
     assert direct.dtype == dtype
-    assert torch.equal(direct, dequantize(quantized, scale, bits).to(dtype))
+    assert torch.equal(direct, values.to(dtype))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -223,6 +229,20 @@ def test_the_cuda_way_run_on_cpu_gives_the_dequantized_models_tokens(quantized, 
     assert got.sequences.tolist() == expected.sequences.tolist()
     for step, (actual, reference) in enumerate(zip(got.logits, expected.logits)):
         assert_products_close(actual, reference), step
+
+
+def test_quantized_decode_steps_settle_their_kernels_apart_from_float_ones(checkpoint_dir, fresh_timer):
+    model = DeepseekVLV2ForCausalLM.from_pretrained(checkpoint_dir("tiny"), dtype=torch.bfloat16, quantization="int8")
+    language = model.language.eval()
+    cache = DeepseekV2Cache(config=language.config)
+    ids = torch.randint(0, language.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        language(ids[:, :6], cache=cache)
+        for _ in range(64):
+            language(ids[:, 6:], cache=cache)
+    (kind,) = kernels._tunings
+    assert kind.startswith("decode step of 1 rows with int8 weights bfloat16") and kernels._tunings[kind].done
+    assert any(key.startswith(kind + "experts size") for key in fresh_timer.choices())
 
 
 def test_save_and_reload_give_the_same_tensors_and_tokens(quantized, checkpoint_dir, tmp_path):

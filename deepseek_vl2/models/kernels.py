@@ -188,12 +188,15 @@ def _kind(dtype: torch.dtype, what: str) -> str:
 
 
 @contextmanager
-def decode_step(device: torch.device, dtype: torch.dtype, rows: int) -> Iterator[None]:
-    """A forward of ``rows`` new tokens: where timed, one of its kernel questions may be under test."""
+def decode_step(device: torch.device, dtype: torch.dtype, rows: int, weights: str = "") -> Iterator[None]:
+    """A forward of ``rows`` new tokens in ``dtype``: where timed, one of its kernel questions may be under test.
+
+    ``weights`` names quantized weights ("int8"): their steps read other kernels, and settle apart.
+    """
     if not _timed_here(device, dtype) or rows > MAX_STEP_ROWS:
         yield
         return
-    prefix = _kind(dtype, f"decode step of {rows} rows") + ": "
+    prefix = _kind(dtype, f"decode step of {rows} rows" + (f" with {weights} weights" if weights else "")) + ": "
     tuning = _tunings.get(prefix) or _tunings.setdefault(prefix, StepTuning(TIMER, prefix))
     token = _current_step.set(tuning)
     tuning.step_started()

@@ -626,9 +626,10 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
         """Logits in the model dtype, for the last ``logits_to_keep`` positions only (0 keeps all)."""
         tokens = input_ids if inputs_embeds is None else inputs_embeds
         num_tokens = tokens.shape[:2].numel() if tokens is not None else 0
-        weight = self.lm_head.weight
-        device, dtype = weight.device, weight.dtype
-        with decode_step(device, dtype, num_tokens):
+        device = self.lm_head.weight.device
+        dtype = self.model.embed_tokens.weight.dtype  # the activations', also where the decoder is quantized
+        bits = getattr(self.lm_head, "bits", None)  # a quantized LM head: its decoder's products are too
+        with decode_step(device, dtype, num_tokens, weights=f"int{bits}" if bits else ""):
             with matmuls_running(Op.MATMUL, device, dtype, num_tokens, role="layers"):
                 outputs = self.model(
                     input_ids=input_ids,
