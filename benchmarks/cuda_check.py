@@ -94,8 +94,7 @@ def kernels_chosen(device: torch.device, dtype: torch.dtype) -> dict[str, dict[i
 
 def speed(variant: str, device: torch.device, new_tokens: int, setting: str | None = None) -> list[dict]:
     """bench.py's workloads at the real dimensions, with the planner's predicted peaks beside the measured
-    (bf16 only: the planner plans quantized loads for the CPU)."""
-    torch.cuda.reset_peak_memory_stats(device)
+    (``setting``: the decoder quantized, "int8" or "int4")."""
     model = bench.build_model(variant, None, torch.bfloat16, device)
     if setting is not None:
         quantize_in_place(model, DeepseekVL2QuantizationConfig.from_short_form(setting))
@@ -112,12 +111,13 @@ def speed(variant: str, device: torch.device, new_tokens: int, setting: str | No
             inputs = bench.workload(processor, name, batch, 218)
             result, _ = bench.run(model, processor, inputs, args, device, None)
             predicted = None
-            if batch == 1 and setting is None:  # the planner plans one request
+            if batch == 1:  # the planner plans one request
                 images = 1 if name == "one_image" else 0
                 text_tokens = inputs.input_ids.shape[-1] - int(inputs.images_seq_mask.sum())
                 plan = plan_memory(
-                    model.config, gpu_memory, images=images, text_tokens=text_tokens, max_new_tokens=new_tokens
-                )
+                    model.config, gpu_memory, images=images, text_tokens=text_tokens, max_new_tokens=new_tokens,
+                    quantization=setting,
+                )  # fmt: skip
                 predicted = (plan.weight_total + plan.activation_peak) / GIB
             weights = setting or "bf16"
             rows.append({"variant": variant, "weights": weights, "workload": name, **result})

@@ -306,6 +306,16 @@ def decode_peak(config: DeepseekV2Config, prompt_tokens: int, context_tokens: in
     return prompt_tokens * config.hidden_size * size + cache + step * size + logits
 
 
+def dequantized_peak(model: torch.nn.Module, config: DeepseekV2Config, dtype: torch.dtype) -> int:
+    """Bytes of weights that a quantized model on CUDA holds dequantized at once (each product dequantizes
+    its weight for the call): its largest quantized matrix, or one request's decode step's gathered experts."""
+    from .quantization import QuantizedLinear
+
+    linears = [m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)]
+    gathered = (config.num_experts_per_tok or 0) * 3 * config.moe_intermediate_size * config.hidden_size
+    return max([*linears, gathered]) * dtype.itemsize
+
+
 # ---------------------------------------------------------------------------------------------- the plan
 
 
@@ -336,6 +346,8 @@ class MemoryPlan:
     max_memory: dict[int | str, int]  # for from_pretrained(device_map="auto", max_memory=...)
     device_map: dict[str, int | str]  # what from_pretrained computes with that max_memory
     placed: dict[int | str, int]  # weight bytes per device under device_map
+    quantization: str | None = None  # "int8", "int4": weights stored so (whole on one GPU: never offloaded)
+    dequantized_peak: int = 0  # quantized weights dequantized at once for their products
 
     @property
     def weight_total(self) -> int:
@@ -343,9 +355,10 @@ class MemoryPlan:
 
     @property
     def activation_peak(self) -> int:
-        """The largest of image encoding, (chunked) prefill and decoding, for the recommended chunk size."""
+        """The largest of image encoding, (chunked) prefill and decoding, for the recommended chunk size, with
+        the weights a quantized model dequantizes for a product."""
         prefill = self.prefill_peak if self.chunk_size is None else self.chunked_prefill_peaks[self.chunk_size]
-        return max(self.vision_peak, prefill, self.decode_peak)
+        return max(self.vision_peak, prefill, self.decode_peak) + self.dequantized_peak
 
     @property
     def offloaded(self) -> int:
@@ -398,23 +411,35 @@ def plan_memory(
     max_new_tokens: int = 512,
     dtype: str | torch.dtype = "bf16",
     cpu_memory: int | str | None = None,
+    quantization=None,
 ) -> MemoryPlan:
     """Plan one request: ``images`` images of ``image_size`` and ``text_tokens`` other prompt tokens (chat
     format included), answered in up to ``max_new_tokens``, on ``gpus`` GPUs of ``gpu_memory`` each.
 
     ``model`` is a hub id, a checkpoint folder, a config.json path or a config. ``cpu_memory`` bounds
-    the weights offloaded to RAM (default: as much as needed); beyond it they go to disk.
+    the weights offloaded to RAM (default: as much as needed); beyond it they go to disk. ``quantization``
+    ("int8", "int4" or a ``DeepseekVL2QuantizationConfig``) plans the quantized weights whole on one GPU.
     """
+    from .quantization.selection import quantize_modules
+
     request = _Request.read(model, images, image_size, text_tokens, max_new_tokens, dtype)
     gpu_memory = parse_bytes(gpu_memory)
     if not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
+    if isinstance(quantization, str):
+        quantization = DeepseekVL2QuantizationConfig.from_short_form(quantization)
+    if quantization is not None and (gpus != 1 or cpu_memory is not None):
+        raise ValueError("a quantized model loads whole on one GPU: plan it for one GPU, without cpu_memory")
     config, dtype, tiles, prompt_tokens, context_tokens = (
         request.config, request.dtype, request.tiles, request.prompt_tokens, request.context_tokens
     )  # fmt: skip
     language = config.language_config
 
     meta = meta_model(config, dtype)
+    transient = 0
+    if quantization is not None:
+        quantize_modules(meta, quantization)
+        transient = dequantized_peak(meta, language, dtype)
     weights = weight_bytes(meta)
     kv_per_token = kv_cache_bytes_per_token(language, dtype)
     full = decoder_prefill_peak(language, prompt_tokens, None, dtype)
@@ -429,7 +454,7 @@ def plan_memory(
     options = [(None, full), *sorted(chunked.items(), reverse=True)]
 
     def reserve(prefill: int) -> int:
-        return RUNTIME_OVERHEAD + max(images_peak, prefill, decoding)
+        return RUNTIME_OVERHEAD + max(images_peak, prefill, decoding) + transient
 
     fitting = [(c, peak) for c, peak in options if total + gpus * reserve(peak) <= gpus * gpu_memory]
     if not fitting:
@@ -464,6 +489,8 @@ def plan_memory(
         max_memory=max_memory,
         device_map=device_map,
         placed=bytes_per_device(meta, device_map),
+        quantization=None if quantization is None else f"int{quantization.bits}",
+        dequantized_peak=transient,
     )
 
 
@@ -653,8 +680,9 @@ def _report(plan: MemoryPlan) -> str:
         prompt += f", {plan.image_tokens} of them for {plan.images} image(s) of {width}x{height}"
         prompt += f" ({plan.image_tiles} tiles)"
     chunked = ", ".join(f"{c} -> {_size(peak)}" for c, peak in plan.chunked_prefill_peaks.items())
+    stored = f"{plan.quantization} weights, {plan.dtype} activations" if plan.quantization else plan.dtype
     lines = [
-        f"{plan.model} in {plan.dtype}: {plan.parameters / 1e9:.2f} B parameters",
+        f"{plan.model} in {stored}: {plan.parameters / 1e9:.2f} B parameters",
         f"  weights         {_size(plan.weight_total)} ({weights})",
         f"  prompt          {prompt}",
         f"  context         {plan.context_tokens} tokens with the answer",
@@ -668,12 +696,18 @@ def _report(plan: MemoryPlan) -> str:
         lines.append(f"    prefill, chunked        {chunked}")
     if plan.images:
         lines.append(f"    image encoding          {_size(plan.vision_peak)}")
-    lines += [
-        f"    decoding, last token    {_size(plan.decode_peak)}",
-        f"  CUDA context and allocator slack: about {_size(RUNTIME_OVERHEAD)} per GPU",
-        "",
-    ]
+    lines.append(f"    decoding, last token    {_size(plan.decode_peak)}")
+    if plan.quantization:
+        lines.append(f"    + weights dequantized for a product: {_size(plan.dequantized_peak)}")
+    lines += [f"  CUDA context and allocator slack: about {_size(RUNTIME_OVERHEAD)} per GPU", ""]
     gpus = f"{plan.gpus} x {_size(plan.gpu_memory)} GPU" + ("s" if plan.gpus > 1 else "")
+    if plan.quantization and plan.offloaded:
+        needed = plan.weight_total + plan.activation_peak + RUNTIME_OVERHEAD
+        lines.append(
+            f"Verdict: does not fit on {gpus}: needs about {_size(needed)}, and quantized weights are not offloaded "
+            "(try int4, or plan for the CPU with --ram)"
+        )
+        return "\n".join(lines)
     if plan.offloaded:
         lines.append(f"Verdict: does not fit on {gpus}; {_size(plan.offloaded)} of weights must be offloaded")
     elif plan.gpus == 1:
@@ -682,8 +716,9 @@ def _report(plan: MemoryPlan) -> str:
     else:
         lines.append(f"Verdict: fits on {gpus}")
     if set(plan.device_map.values()) == {0}:
-        lines.append(f'Load:    from_pretrained(path, dtype=torch.{plan.dtype}, device_map="cuda")')
-        placement = {"device": "cuda"}
+        quantized = f', quantization="{plan.quantization}"' if plan.quantization else ""
+        lines.append(f'Load:    from_pretrained(path, dtype=torch.{plan.dtype}, device_map="cuda"{quantized})')
+        placement = {"device": "cuda", "quantization": plan.quantization}
     else:
         placement = {
             "device_map": "auto",
@@ -726,7 +761,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     memory.add_argument("--gpu-memory", help="memory of each GPU, e.g. 40GiB, 24GB")
     memory.add_argument("--ram", help="plan for the CPU instead, with this much RAM, e.g. 24GiB")
     parser.add_argument(
-        "--quantize", choices=list(SHORT_FORMS), help="with --ram: the weights quantized while loading (CPU plan)"
+        "--quantize", choices=list(SHORT_FORMS), help="the weights quantized while loading (on a GPU: whole on one)"
     )
     parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
     parser.add_argument("--cpu-memory", help="RAM for offloaded weights (default: as much as needed)")
@@ -747,18 +782,14 @@ def run(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
     }
     try:
-        if args.quantize and not args.ram:
-            raise ValueError(
-                "--quantize plans a CPU load (the CUDA path of quantized models is not measured yet): "
-                "give --ram, not --gpu-memory; the plan's weights are what a GPU would hold too"
-            )
         dtype = pick_dtype(args.dtype)
         if args.ram:
             plan = plan_cpu_memory(args.model_path, args.ram, quantization=args.quantize, dtype=dtype, **request)
         else:
             plan = plan_memory(
-                args.model_path, args.gpu_memory, gpus=args.gpus, cpu_memory=args.cpu_memory, dtype=dtype, **request
-            )
+                args.model_path, args.gpu_memory, gpus=args.gpus, cpu_memory=args.cpu_memory, dtype=dtype,
+                quantization=args.quantize, **request,
+            )  # fmt: skip
     except (ValueError, OSError) as error:
         print(f"deepseek-vl2 plan: error: {error}", file=sys.stderr)
         return 2

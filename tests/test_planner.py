@@ -329,8 +329,25 @@ def test_cli_plans_a_quantized_cpu_load(published_config_file, capsys):
     report = capsys.readouterr().out
     assert "int4 weights" in report and "Verdict: fits in 16.00 GiB of RAM" in report
     assert "--quantization int4" in report
-    assert main(["--model", small, "--gpu-memory", "24GiB", "--quantize", "int8"]) == 2
-    assert "give --ram" in capsys.readouterr().err
+
+
+def test_gpu_plans_hold_quantized_weights_whole_with_a_dequantized_matrix(published_config_file, capsys):
+    small, base = published_config_file("small"), published_config_file("base")
+    full = plan_memory(small, "24GiB", images=1)
+    int8 = plan_memory(small, "24GiB", images=1, quantization="int8")
+    assert full.offloaded > 0 and int8.offloaded == 0 and set(int8.device_map.values()) == {0}
+    assert int8.weight_total == plan_cpu_memory(small, "24GiB", quantization="int8").weight_total
+    language = load_config(small).language_config
+    lm_head = language.vocab_size * language.hidden_size * 2  # the largest matrix, dequantized to bf16
+    assert int8.dequantized_peak == lm_head and int8.activation_peak == full.activation_peak + lm_head
+    assert main(["--model", str(small), "--gpu-memory", "24GiB", "--quantize", "int8", "--images", "1"]) == 0
+    report = capsys.readouterr().out
+    assert "in int8 weights, bfloat16 activations" in report and "Verdict: fits on 1 x 24.00 GiB GPU" in report
+    assert 'device_map="cuda", quantization="int8")' in report and "--quantization int8" in report
+    assert main(["--model", str(base), "--gpu-memory", "24GiB", "--quantize", "int8"]) == 0
+    assert "quantized weights are not offloaded (try int4" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="whole on one GPU"):
+        plan_memory(small, "24GiB", gpus=2, quantization="int8")
 
 
 def test_long_prompts_get_a_chunk_size(published_config_file):
