@@ -179,7 +179,7 @@ class StepTuning:
         self.seconds: tuple[list[float], list[float]] = ([], [])
         self.measurements: list[Measurement] = []
         self._spent: float | None = None  # this step's time in the tested question's blocks; None: not asked
-        self._asked: list[str] = []  # the unsettled questions this step asked
+        self._asked: list[str] = []  # the unsettled questions this (or the last) step asked
 
     def step_started(self) -> None:
         self._spent, self._asked = None, []
@@ -227,7 +227,8 @@ class StepTuning:
 
     @property
     def done(self) -> bool:
-        return self.testing is None and all(q in self.settled for q in self.seen)
+        """Whether the last step asked only settled questions (one seen once may never be asked again)."""
+        return not self._asked
 
 
 def default_timer() -> KernelTimer:

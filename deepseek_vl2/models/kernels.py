@@ -188,15 +188,16 @@ def _kind(dtype: torch.dtype, what: str) -> str:
 
 
 @contextmanager
-def decode_step(device: torch.device, dtype: torch.dtype, rows: int, weights: str = "") -> Iterator[None]:
+def decode_step(device: torch.device, dtype: torch.dtype, rows: int, model: str = "") -> Iterator[None]:
     """A forward of ``rows`` new tokens in ``dtype``: where timed, one of its kernel questions may be under test.
 
-    ``weights`` names quantized weights ("int8"): their steps read other kernels, and settle apart.
+    ``model`` names what else the kernels' speed order depends on (its width, quantized weights): steps of
+    different models settle apart.
     """
     if not _timed_here(device, dtype) or rows > MAX_STEP_ROWS:
         yield
         return
-    prefix = _kind(dtype, f"decode step of {rows} rows" + (f" with {weights} weights" if weights else "")) + ": "
+    prefix = _kind(dtype, f"decode step of {rows} rows" + (f" of {model}" if model else "")) + ": "
     tuning = _tunings.get(prefix) or _tunings.setdefault(prefix, StepTuning(TIMER, prefix))
     token = _current_step.set(tuning)
     tuning.step_started()

@@ -629,7 +629,8 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
         device = self.lm_head.weight.device
         dtype = self.model.embed_tokens.weight.dtype  # the activations', also where the decoder is quantized
         bits = getattr(self.lm_head, "bits", None)  # a quantized LM head: its decoder's products are too
-        with decode_step(device, dtype, num_tokens, weights=f"int{bits}" if bits else ""):
+        model = f"width {self.config.hidden_size}" + (f" with int{bits} weights" if bits else "")
+        with decode_step(device, dtype, num_tokens, model):
             with matmuls_running(Op.MATMUL, device, dtype, num_tokens, role="layers"):
                 outputs = self.model(
                     input_ids=input_ids,
