@@ -375,7 +375,8 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class _Request:
-    """What both plans read from their arguments, checked: the model's config and name, the dtype and the prompt."""
+    """What both plans read from their arguments, checked: the model's config and name, the dtype, the prompt
+    and how the weights are stored."""
 
     config: DeepseekVLV2Config
     name: str
@@ -385,9 +386,12 @@ class _Request:
     image_tokens: int
     prompt_tokens: int
     context_tokens: int
+    quantization: DeepseekVL2QuantizationConfig | None
 
     @classmethod
-    def read(cls, model, images: int, image_size, text_tokens: int, max_new_tokens: int, dtype) -> _Request:
+    def read(
+        cls, model, images: int, image_size, text_tokens: int, max_new_tokens: int, dtype, quantization
+    ) -> _Request:
         config = model if isinstance(model, DeepseekVLV2Config) else load_config(model)
         name = (config.name_or_path or "model") if isinstance(model, DeepseekVLV2Config) else str(model)
         dtype = parse_dtype(dtype)
@@ -396,8 +400,24 @@ class _Request:
             raise ValueError(f"token counts must be >= 0, got {text_tokens} text and {max_new_tokens} new tokens")
         tiles, image_tokens = image_tiles_and_tokens(config, image_size, images)
         prompt_tokens = max(text_tokens + image_tokens, 1)
+        if isinstance(quantization, str):
+            quantization = DeepseekVL2QuantizationConfig.from_short_form(quantization)
         return cls(config, name, dtype, image_size, tiles, image_tokens, prompt_tokens,
-                   prompt_tokens + max_new_tokens)  # fmt: skip
+                   prompt_tokens + max_new_tokens, quantization)  # fmt: skip
+
+    @property
+    def stored(self) -> str | None:
+        """The quantized weights' name ("int8", "int4"), or None for the model dtype."""
+        return None if self.quantization is None else f"int{self.quantization.bits}"
+
+    def stored_model(self) -> torch.nn.Module:
+        """The meta model with its weights as loading will store them (quantized where asked)."""
+        from .quantization.selection import quantize_modules
+
+        meta = meta_model(self.config, self.dtype)
+        if self.quantization is not None:
+            quantize_modules(meta, self.quantization)
+        return meta
 
 
 def plan_memory(
@@ -420,26 +440,19 @@ def plan_memory(
     the weights offloaded to RAM (default: as much as needed); beyond it they go to disk. ``quantization``
     ("int8", "int4" or a ``DeepseekVL2QuantizationConfig``) plans the quantized weights whole on one GPU.
     """
-    from .quantization.selection import quantize_modules
-
-    request = _Request.read(model, images, image_size, text_tokens, max_new_tokens, dtype)
+    request = _Request.read(model, images, image_size, text_tokens, max_new_tokens, dtype, quantization)
     gpu_memory = parse_bytes(gpu_memory)
     if not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
-    if isinstance(quantization, str):
-        quantization = DeepseekVL2QuantizationConfig.from_short_form(quantization)
-    if quantization is not None and (gpus != 1 or cpu_memory is not None):
+    if request.quantization is not None and (gpus != 1 or cpu_memory is not None):
         raise ValueError("a quantized model loads whole on one GPU: plan it for one GPU, without cpu_memory")
     config, dtype, tiles, prompt_tokens, context_tokens = (
         request.config, request.dtype, request.tiles, request.prompt_tokens, request.context_tokens
     )  # fmt: skip
     language = config.language_config
 
-    meta = meta_model(config, dtype)
-    transient = 0
-    if quantization is not None:
-        quantize_modules(meta, quantization)
-        transient = dequantized_peak(meta, language, dtype)
+    meta = request.stored_model()
+    transient = 0 if request.quantization is None else dequantized_peak(meta, language, dtype)
     weights = weight_bytes(meta)
     kv_per_token = kv_cache_bytes_per_token(language, dtype)
     full = decoder_prefill_peak(language, prompt_tokens, None, dtype)
@@ -489,7 +502,7 @@ def plan_memory(
         max_memory=max_memory,
         device_map=device_map,
         placed=bytes_per_device(meta, device_map),
-        quantization=None if quantization is None else f"int{quantization.bits}",
+        quantization=request.stored,
         dequantized_peak=transient,
     )
 
@@ -560,15 +573,8 @@ def plan_cpu_memory(
 ) -> CpuPlan:
     """Plan one request on CPU with ``ram`` of memory, the weights as ``quantization`` stores them ("int8",
     "int4" or a ``DeepseekVL2QuantizationConfig``; None: the model dtype)."""
-    from .quantization.selection import quantize_modules
-
-    request = _Request.read(model, images, image_size, text_tokens, max_new_tokens, dtype)
+    request = _Request.read(model, images, image_size, text_tokens, max_new_tokens, dtype, quantization)
     language, dtype = request.config.language_config, request.dtype
-    meta = meta_model(request.config, dtype)
-    if isinstance(quantization, str):
-        quantization = DeepseekVL2QuantizationConfig.from_short_form(quantization)
-    if quantization is not None:
-        quantize_modules(meta, quantization)
     peak = max(
         vision_peak(request.config, request.tiles, request.prompt_tokens, dtype),
         decoder_prefill_peak(language, request.prompt_tokens, None, dtype, device="cpu"),
@@ -577,8 +583,8 @@ def plan_cpu_memory(
     return CpuPlan(
         model=request.name,
         dtype=str(dtype).removeprefix("torch."),
-        quantization=None if quantization is None else f"int{quantization.bits}",
-        weights=weight_bytes(meta),
+        quantization=request.stored,
+        weights=weight_bytes(request.stored_model()),
         prompt_tokens=request.prompt_tokens,
         kv_cache=kv_cache_bytes_per_token(language, dtype) * request.context_tokens,
         activation_peak=peak,
@@ -701,8 +707,8 @@ def _report(plan: MemoryPlan) -> str:
         lines.append(f"    + weights dequantized for a product: {_size(plan.dequantized_peak)}")
     lines += [f"  CUDA context and allocator slack: about {_size(RUNTIME_OVERHEAD)} per GPU", ""]
     gpus = f"{plan.gpus} x {_size(plan.gpu_memory)} GPU" + ("s" if plan.gpus > 1 else "")
+    needed = plan.weight_total + plan.activation_peak + RUNTIME_OVERHEAD  # on one GPU
     if plan.quantization and plan.offloaded:
-        needed = plan.weight_total + plan.activation_peak + RUNTIME_OVERHEAD
         lines.append(
             f"Verdict: does not fit on {gpus}: needs about {_size(needed)}, and quantized weights are not offloaded "
             "(try int4, or plan for the CPU with --ram)"
@@ -711,7 +717,6 @@ def _report(plan: MemoryPlan) -> str:
     if plan.offloaded:
         lines.append(f"Verdict: does not fit on {gpus}; {_size(plan.offloaded)} of weights must be offloaded")
     elif plan.gpus == 1:
-        needed = plan.weight_total + plan.activation_peak + RUNTIME_OVERHEAD
         lines.append(f"Verdict: fits on {gpus} (needs about {_size(needed)})")
     else:
         lines.append(f"Verdict: fits on {gpus}")
