@@ -35,21 +35,14 @@ from deepseek_vl2.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from deepseek_vl2.models.kernels import Op, choose
 from deepseek_vl2.planner import plan_memory
 from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
+from deepseek_vl2.quantization.config import SHORT_FORMS
 from deepseek_vl2.quantization.selection import quantize_in_place
-from deepseek_vl2.testing.checkpoints import build_checkpoint
+from deepseek_vl2.testing.checkpoints import build_checkpoint, checkpoint_quantization
 from deepseek_vl2.testing.published import VARIANTS
 
 CPU, GIB = torch.device("cpu"), 2**30
 KERNEL_SIZES = (1, 2, 4, 16, 64, 1024)
 SMALL_NEEDS = 48 * GIB  # small's 30 GiB of bf16 weights, activations at batch 4 and the runtime
-# int4 groups the test checkpoints take (their experts are 32 wide); the real dimensions take the default.
-TEST_GROUP_SIZES = {"int8": None, "int4": 32}
-
-
-def test_quantization(setting: str | None) -> DeepseekVL2QuantizationConfig | None:
-    if setting is None:
-        return None
-    return DeepseekVL2QuantizationConfig(bits=int(setting.removeprefix("int")), group_size=TEST_GROUP_SIZES[setting])
 
 
 @torch.no_grad()
@@ -66,7 +59,8 @@ def parity(variant: str, folder: Path, device: torch.device, new_tokens: int, se
     outputs = {}
     for where in (CPU, device):
         model = DeepseekVLV2ForCausalLM.from_pretrained(
-            path, dtype=torch.float32, device_map=str(where), quantization_config=test_quantization(setting)
+            path, dtype=torch.float32, device_map=str(where),
+            quantization_config=setting and checkpoint_quantization(setting),
         ).eval()
         batch = inputs.to(where)
         image_inputs = {k: batch[k] for k in ("images", "images_seq_mask", "images_spatial_crop")}
@@ -170,10 +164,10 @@ def main(argv=None) -> int:
     print(f"{report['gpu']}, torch {report['torch']}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         report["parity"] = [parity(variant, Path(folder), device, 16) for variant in VARIANTS]
-        report["parity"] += [parity("tiny", Path(folder), device, 16, setting) for setting in TEST_GROUP_SIZES]
+        report["parity"] += [parity("tiny", Path(folder), device, 16, setting) for setting in SHORT_FORMS]
     print("parity done", flush=True)
     report["speed"] = speed("tiny", device, args.new_tokens)
-    for setting in TEST_GROUP_SIZES:
+    for setting in SHORT_FORMS:
         report["speed"] += speed("tiny", device, args.new_tokens, setting)
     fits_small = torch.cuda.get_device_properties(device).total_memory >= SMALL_NEEDS
     if fits_small and not args.skip_small:

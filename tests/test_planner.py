@@ -34,7 +34,7 @@ from deepseek_vl2.planner import (
     vision_peak,
     weight_bytes,
 )
-from deepseek_vl2.testing.checkpoints import published_style_config
+from deepseek_vl2.testing.checkpoints import checkpoint_quantization, published_style_config
 from deepseek_vl2.testing.published import published_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,10 +297,9 @@ def test_small_fits_a_40gb_gpu_but_not_a_24gb_one(published_config_file):
 @pytest.mark.parametrize("variant, bits", [("small", 8), ("tiny", 4)])  # small's test MLA has no int4 tiles
 def test_cpu_plan_counts_the_weights_a_quantized_load_holds(checkpoint_dir, variant, bits):
     from deepseek_vl2.models import DeepseekVLV2ForCausalLM
-    from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
 
     path = checkpoint_dir(variant)
-    quantization = DeepseekVL2QuantizationConfig(bits=bits, group_size=32 if bits == 4 else None)  # 32-wide experts
+    quantization = checkpoint_quantization(f"int{bits}")
     model = DeepseekVLV2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization)
     plan = plan_cpu_memory(path, "1GiB", quantization=quantization)
     assert plan.weight_total == sum(p.numel() * p.element_size() for p in model.parameters())

@@ -37,11 +37,12 @@ from deepseek_vl2.quantization.packing import (
     unpack_int4,
 )
 from deepseek_vl2.quantization.selection import quantization_targets
+from deepseek_vl2.testing.checkpoints import checkpoint_quantization
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU is needed to ask
 ROOT = Path(__file__).resolve().parents[1]
-# The settings the test checkpoints take: their experts are 32 channels wide, so int4 needs groups of 32.
-SETTINGS = {"int8": DeepseekVL2QuantizationConfig(bits=8), "int4": DeepseekVL2QuantizationConfig(bits=4, group_size=32)}
+# The settings the test checkpoints take (int4 in groups as wide as their experts).
+SETTINGS = {name: checkpoint_quantization(name) for name in ("int8", "int4")}
 INPUTS = ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop")
 
 

@@ -17,18 +17,21 @@ import torch
 from ..models.configuration import DeepseekVLV2Config
 from ..models.modeling import DeepseekVLV2ForCausalLM
 from ..models.processing import DeepseekVLV2Processor
+from ..quantization.config import DeepseekVL2QuantizationConfig
 from .published import VARIANTS, published_config
 from .tokenizer import build_tokenizer
 
 # The 23 tile grids of the published checkpoints (multiples of 384 px, at most 9 tiles).
 CANDIDATE_RESOLUTIONS = published_config("tiny")["candidate_resolutions"]
 
+EXPERT_WIDTH = 32  # every test checkpoint's moe_intermediate_size
+
 # Language settings per variant, with the key set of the published config it imitates
 # (the small and base files leave many fields to the config class's defaults).
 _LANGUAGE = {
     "tiny": {
         "first_k_dense_replace": 1, "hidden_size": 64, "intermediate_size": 128, "kv_lora_rank": None,
-        "lm_head": True, "max_position_embeddings": 4096, "moe_intermediate_size": 32, "n_group": 1,
+        "lm_head": True, "max_position_embeddings": 4096, "moe_intermediate_size": EXPERT_WIDTH, "n_group": 1,
         "n_routed_experts": 8, "n_shared_experts": 2, "num_attention_heads": 4, "num_experts_per_tok": 2,
         "num_hidden_layers": 3, "num_key_value_heads": 4, "q_lora_rank": None, "qk_nope_head_dim": 0,
         "qk_rope_head_dim": 0, "rm_head": False, "topk_group": 1, "topk_method": "greedy", "use_mla": False,
@@ -36,14 +39,14 @@ _LANGUAGE = {
     },
     "small": {
         "first_k_dense_replace": 1, "hidden_size": 64, "intermediate_size": 128, "kv_lora_rank": 32,
-        "max_position_embeddings": 4096, "moe_intermediate_size": 32, "n_group": 1, "n_routed_experts": 8,
+        "max_position_embeddings": 4096, "moe_intermediate_size": EXPERT_WIDTH, "n_group": 1, "n_routed_experts": 8,
         "n_shared_experts": 2, "num_attention_heads": 4, "num_experts_per_tok": 2, "num_hidden_layers": 3,
         "num_key_value_heads": 4, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
         "v_head_dim": 16, "rm_head": False, "topk_group": 1, "topk_method": "greedy",
     },
     "base": {
         "first_k_dense_replace": 1, "hidden_size": 64, "intermediate_size": 128, "kv_lora_rank": 32,
-        "lm_head": False, "max_position_embeddings": 4096, "moe_intermediate_size": 32, "n_group": 1,
+        "lm_head": False, "max_position_embeddings": 4096, "moe_intermediate_size": EXPERT_WIDTH, "n_group": 1,
         "n_routed_experts": 8, "n_shared_experts": 2, "norm_topk_prob": True, "num_attention_heads": 4,
         "num_experts_per_tok": 2, "num_hidden_layers": 3, "q_lora_rank": None, "qk_nope_head_dim": 16,
         "qk_rope_head_dim": 8, "v_head_dim": 16, "rm_head": False, "routed_scaling_factor": 2.0,
@@ -58,6 +61,12 @@ _VISION = {
     "layers": 2, "mlp_ratio": 3.7362, "model_name": "siglip_so400m_patch14_384", "model_type": "vision",
     "patch_size": 14, "width": 64,
 }  # fmt: skip
+
+
+def checkpoint_quantization(name: str) -> DeepseekVL2QuantizationConfig:
+    """Quantization ``name`` ("int8", "int4") as the test checkpoints take it: int4 groups as wide as their experts."""
+    bits = DeepseekVL2QuantizationConfig.from_short_form(name).bits
+    return DeepseekVL2QuantizationConfig(bits=bits, group_size=EXPERT_WIDTH if bits == 4 else None)
 
 
 def published_style_config(variant: str, vocab_size: int, bos_token_id: int, eos_token_id: int) -> dict:
