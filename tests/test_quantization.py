@@ -301,9 +301,9 @@ QUANTIZE_AND_SAVE = """
 import sys
 import torch
 from deepseek_vl2.models import DeepseekVLV2ForCausalLM
-from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
 from deepseek_vl2.quantization.packing import machine_int4_layout
-config = DeepseekVL2QuantizationConfig(bits=4, group_size=32)
+from deepseek_vl2.testing.checkpoints import checkpoint_quantization
+config = checkpoint_quantization("int4")
 model = DeepseekVLV2ForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, quantization_config=config)
 model.save_pretrained(sys.argv[2])
 print(machine_int4_layout().name)
