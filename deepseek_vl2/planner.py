@@ -162,8 +162,8 @@ def _attention_peak(config: DeepseekV2Config, q: int, n: int, size: int, masked:
         q_rope = q * heads * rope * size
         compressed = q * (config.kv_lora_rank + rope) * size
         latent = q * config.kv_lora_rank * size
-        # q_rope is reordered and roped (three temporaries) while the query and compressed kv are alive
-        roping = normed + query + compressed + latent + q_rope + 3 * q_rope
+        # q_rope is reordered and roped (two temporaries) while the query and compressed kv are alive
+        roping = normed + query + compressed + latent + q_rope + 2 * q_rope
         # the cached latents of all n keys expanded to per-head keys and values, then the query and the
         # key concatenated from their nope and rope parts
         expanded = n * heads * (nope + value) * size
@@ -174,15 +174,15 @@ def _attention_peak(config: DeepseekV2Config, q: int, n: int, size: int, masked:
         attending = normed + query + q_rope + expanded + sdpa_inputs + output + bias
         return max(roping, attending)
     kv_width = config.num_key_value_heads * config.head_dim
-    # roping the key: the three projections, the roped query and three temporaries of the key's size
-    roping = normed + q * (hidden + 2 * kv_width) * size + q * hidden * size + 3 * q * kv_width * size
+    # roping the key: the three projections, the roped query and two temporaries of the key's size
+    roping = normed + q * (hidden + 2 * kv_width) * size + q * hidden * size + 2 * q * kv_width * size
     # SDPA reads the cached keys and values in place: the roped query and the output
     attending = normed + q * hidden * size + q * hidden * size + bias
     return max(roping, attending)
 
 
-def _feed_forward_peak(config: DeepseekV2Config, layer: int, q: int, size: int) -> int:
-    """One feed-forward block, its normed input included."""
+def _feed_forward_peak(config: DeepseekV2Config, layer: int, q: int, size: int, outputs_kept: bool) -> int:
+    """One feed-forward block, its normed input included, and the experts' per-pair outputs unless kept."""
     hidden = config.hidden_size
     normed = q * hidden * size
     if not config.is_moe_layer(layer):
@@ -194,7 +194,7 @@ def _feed_forward_peak(config: DeepseekV2Config, layer: int, q: int, size: int) 
     # and a float32 output per pair; each expert gathers its tokens and writes its weighted outputs. Per
     # token of the busiest expert, the most alive at once: gate and up with the gathered input, then with
     # act(gate) and the product, then with the output and its float32 weighted copy.
-    routing = pairs * (INT64 + FLOAT32) + pairs * INT64 + pairs * hidden * FLOAT32
+    routing = pairs * (INT64 + FLOAT32) + pairs * INT64 + (0 if outputs_kept else _pair_outputs_bytes(config, q))
     per_token = max(
         (hidden + 2 * intermediate) * size,
         4 * intermediate * size,
@@ -208,6 +208,11 @@ def _feed_forward_peak(config: DeepseekV2Config, layer: int, q: int, size: int) 
     if config.n_shared_experts:
         shared = q * hidden * size + 3 * q * intermediate * config.n_shared_experts * size
     return normed + max(router, one_expert, combine, shared)
+
+
+def _pair_outputs_bytes(config: DeepseekV2Config, q: int) -> int:
+    """The routed experts' float32 output per (token, expert) pair: a pass keeps it from its first MoE layer on."""
+    return q * config.num_experts_per_tok * config.hidden_size * FLOAT32 if config.n_routed_experts else 0
 
 
 def _prefill_steps(prompt_tokens: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -255,9 +260,11 @@ def decoder_prefill_peak(
             cached_tokens = (layer + 1) * held + (layers - layer - 1) * held_before
             cache = cached_tokens * cache_per_layer
             layer_input = q * hidden * size if layer else 0  # the first layer reads the embeddings
-            base = shared + cache + layer_input
+            kept = any(config.is_moe_layer(earlier) for earlier in range(layer))
+            base = shared + cache + layer_input + (_pair_outputs_bytes(config, q) if kept else 0)
             attention = _attention_peak(config, q, n, size, masked, device)
-            feed_forward = q * hidden * size + _feed_forward_peak(config, layer, q, size)  # + attention's output
+            # + attention's output
+            feed_forward = q * hidden * size + _feed_forward_peak(config, layer, q, size, kept)
             peak = max(peak, base + attention, base + feed_forward)
     return peak
 

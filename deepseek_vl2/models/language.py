@@ -28,6 +28,7 @@ from ..utils.checkpoint import PageReleaser
 from .cache import BufferedLayer, DeepseekV2Cache, DeepseekV2GenerationMixin  # BufferedLayer: re-exported
 from .configuration import DeepseekV2Config
 from .kernels import Kernel, Op, attend_one_query, choose, decode_step, matmuls_running, running, sdpa
+from .scratch import reusing_scratch, scratch
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -165,9 +166,10 @@ class DeepseekV2RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE of ``x`` [batch, heads, seq, dim].
 
-    ``x cos + (-x2, x1) sin``, computed as ``x cos + (x2, x1) signed_sin``.
+    ``x cos + (-x2, x1) sin``, computed as ``x cos + (x2, x1) signed_sin``; the second product and the
+    sum in place, each rounded as out of place, so that a prefill makes two large tensors, not four.
     """
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    return (x * cos).add_(x.roll(x.shape[-1] // 2, dims=-1).mul_(signed_sin))
 
 
 def interleaved_to_half(x: torch.Tensor) -> torch.Tensor:
@@ -446,7 +448,8 @@ class DeepseekV2Experts(nn.Module):
         slots = top_k_index.reshape(-1).argsort()  # (token, expert) pair slots, grouped by expert
         weights = top_k_weights.reshape(-1, 1)
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # the host sync
-        weighted = hidden_states.new_empty((top_k_index.numel(), hidden_states.shape[-1]), dtype=weights.dtype)
+        shape = (top_k_index.numel(), hidden_states.shape[-1])
+        weighted = scratch("expert pair outputs", shape, weights.dtype, hidden_states.device)  # every row written
         start = 0
         for expert, count in enumerate(counts):
             if count:
@@ -582,8 +585,9 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         position_embeddings = self.rotary_emb(position_ids, past_len + seq_len, inputs_embeds.dtype)
 
         hidden_states = inputs_embeds
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, mask, cache)
+        with reusing_scratch():
+            for layer in self.layers:
+                hidden_states = layer(hidden_states, position_embeddings, mask, cache)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
