@@ -260,7 +260,7 @@ def decoder_prefill_peak(
             cached_tokens = (layer + 1) * held + (layers - layer - 1) * held_before
             cache = cached_tokens * cache_per_layer
             layer_input = q * hidden * size if layer else 0  # the first layer reads the embeddings
-            kept = any(config.is_moe_layer(earlier) for earlier in range(layer))
+            kept = device == "cpu" and any(config.is_moe_layer(earlier) for earlier in range(layer))  # ``scratch``
             base = shared + cache + layer_input + (_pair_outputs_bytes(config, q) if kept else 0)
             attention = _attention_peak(config, q, n, size, masked, device)
             # + attention's output
@@ -321,6 +321,22 @@ def dequantized_peak(model: torch.nn.Module, config: DeepseekV2Config, dtype: to
     linears = [m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)]
     gathered = (config.num_experts_per_tok or 0) * 3 * config.moe_intermediate_size * config.hidden_size
     return max([*linears, gathered]) * dtype.itemsize
+
+
+def kept_dequantized_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the weights a quantized decoder's prefill on CPU keeps dequantized through the pass: one matrix
+    per shape of its quantized products (``scratch``), for those that run on the weight dequantized."""
+    from .quantization import QuantizedLinear
+    from .quantization.modules import QuantizedExperts
+
+    config, shapes = model.config.language_config, set()
+    for module in model.language.model.modules():  # the LM head runs after the pass
+        if isinstance(module, QuantizedLinear):
+            shapes.add((module.out_features, module.in_features))
+        elif isinstance(module, QuantizedExperts):
+            hidden, intermediate = config.hidden_size, config.moe_intermediate_size
+            shapes |= {(2 * intermediate, hidden), (hidden, intermediate)}
+    return sum(rows * columns for rows, columns in shapes) * dtype.itemsize
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -581,17 +597,18 @@ def plan_cpu_memory(
     """Plan one request on CPU with ``ram`` of memory, the weights as ``quantization`` stores them ("int8",
     "int4" or a ``DeepseekVL2QuantizationConfig``; None: the model dtype)."""
     request = _Request.read(model, images, image_size, text_tokens, max_new_tokens, dtype, quantization)
-    language, dtype = request.config.language_config, request.dtype
+    language, dtype, stored = request.config.language_config, request.dtype, request.stored_model()
+    kept = 0 if request.quantization is None else kept_dequantized_bytes(stored, dtype)
     peak = max(
         vision_peak(request.config, request.tiles, request.prompt_tokens, dtype),
-        decoder_prefill_peak(language, request.prompt_tokens, None, dtype, device="cpu"),
+        decoder_prefill_peak(language, request.prompt_tokens, None, dtype, device="cpu") + kept,
         decode_peak(language, request.prompt_tokens, request.context_tokens, dtype),
     )
     return CpuPlan(
         model=request.name,
         dtype=str(dtype).removeprefix("torch."),
         quantization=request.stored,
-        weights=weight_bytes(request.stored_model()),
+        weights=weight_bytes(stored),
         prompt_tokens=request.prompt_tokens,
         kv_cache=kv_cache_bytes_per_token(language, dtype) * request.context_tokens,
         activation_peak=peak,

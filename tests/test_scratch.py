@@ -26,6 +26,12 @@ def test_inside_a_pass_a_role_gets_the_same_memory_and_outside_a_new_tensor():
     assert outside[0].data_ptr() != outside[1].data_ptr()
 
 
+def test_only_host_memory_is_kept():
+    meta = torch.device("meta")  # as an accelerator: its allocator reuses blocks by itself
+    with reusing_scratch():
+        assert scratch("a", (4, 8), torch.float32, meta) is not scratch("a", (4, 8), torch.float32, meta)
+
+
 def test_each_thread_keeps_its_own():
     seen = {}
 

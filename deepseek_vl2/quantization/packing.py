@@ -142,7 +142,11 @@ def machine_int4_layout() -> Int4Layout:
 
 
 def dequantize(
-    weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The matrix [..., out, in] that a quantized ``weight`` with ``scale`` stands for, rounded once to ``dtype``.
 
@@ -150,17 +154,23 @@ def dequantize(
     float32, so multiplying in the scale's own dtype rounds once, as rounding the float32 product would,
     without a float32 copy of the matrix. int4's ``(level - 8) * scale + zero`` is computed in float32,
     in place, with each group's scale and zero broadcast over the group (not repeated into matrices).
+    ``out`` (of ``dtype``) receives the matrix instead of a new tensor.
     """
     if bits == 8 and scale.dtype == dtype:
-        return weight.to(dtype) * scale.unsqueeze(-1)
+        matrix = weight.to(dtype) if out is None else out.copy_(weight)  # the levels are exact in 16 bits
+        return matrix.mul_(scale.unsqueeze(-1))
     if bits == 8:
-        return (weight.float() * scale.float().unsqueeze(-1)).to(dtype)
+        return _rounded(weight.float().mul_(scale.float().unsqueeze(-1)), dtype, out)
     levels = unpack_int4(weight)
     *lead, rows, columns = levels.shape
     groups = scale.shape[-3]
     scale, zero = scale.float().transpose(-3, -2).unsqueeze(-2).unbind(-1)  # [..., out, groups, 1] each
     values = levels.view(*lead, rows, groups, columns // groups).float().sub_(8).mul_(scale).add_(zero)
-    return values.view(*lead, rows, columns).to(dtype)
+    return _rounded(values.view(*lead, rows, columns), dtype, out)
+
+
+def _rounded(values: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    return values.to(dtype) if out is None else out.copy_(values)
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
