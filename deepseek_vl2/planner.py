@@ -323,22 +323,6 @@ def dequantized_peak(model: torch.nn.Module, config: DeepseekV2Config, dtype: to
     return max([*linears, gathered]) * dtype.itemsize
 
 
-def kept_dequantized_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Bytes of the weights a quantized decoder's prefill on CPU keeps dequantized through the pass: one matrix
-    per shape of its quantized products (``scratch``), for those that run on the weight dequantized."""
-    from .quantization import QuantizedLinear
-    from .quantization.modules import QuantizedExperts
-
-    config, shapes = model.config.language_config, set()
-    for module in model.language.model.modules():  # the LM head runs after the pass
-        if isinstance(module, QuantizedLinear):
-            shapes.add((module.out_features, module.in_features))
-        elif isinstance(module, QuantizedExperts):
-            hidden, intermediate = config.hidden_size, config.moe_intermediate_size
-            shapes |= {(2 * intermediate, hidden), (hidden, intermediate)}
-    return sum(rows * columns for rows, columns in shapes) * dtype.itemsize
-
-
 # ---------------------------------------------------------------------------------------------- the plan
 
 
@@ -597,18 +581,17 @@ def plan_cpu_memory(
     """Plan one request on CPU with ``ram`` of memory, the weights as ``quantization`` stores them ("int8",
     "int4" or a ``DeepseekVL2QuantizationConfig``; None: the model dtype)."""
     request = _Request.read(model, images, image_size, text_tokens, max_new_tokens, dtype, quantization)
-    language, dtype, stored = request.config.language_config, request.dtype, request.stored_model()
-    kept = 0 if request.quantization is None else kept_dequantized_bytes(stored, dtype)
+    language, dtype = request.config.language_config, request.dtype
     peak = max(
         vision_peak(request.config, request.tiles, request.prompt_tokens, dtype),
-        decoder_prefill_peak(language, request.prompt_tokens, None, dtype, device="cpu") + kept,
+        decoder_prefill_peak(language, request.prompt_tokens, None, dtype, device="cpu"),
         decode_peak(language, request.prompt_tokens, request.context_tokens, dtype),
     )
     return CpuPlan(
         model=request.name,
         dtype=str(dtype).removeprefix("torch."),
         quantization=request.stored,
-        weights=weight_bytes(stored),
+        weights=weight_bytes(request.stored_model()),
         prompt_tokens=request.prompt_tokens,
         kv_cache=kv_cache_bytes_per_token(language, dtype) * request.context_tokens,
         activation_peak=peak,

@@ -314,8 +314,7 @@ def test_cpu_plan_verdicts_for_small_and_base(published_config_file):
     for variant in ("small", "base"):
         full, int8, int4 = (plans[variant, q] for q in (None, "int8", "int4"))
         assert int4.weight_total < int8.weight_total < 0.6 * full.weight_total
-        # activations stay in the model dtype; a prefill keeps one dequantized matrix per product shape
-        assert int8.activation_peak == int4.activation_peak > full.activation_peak
+        assert int8.activation_peak == full.activation_peak, "activations stay in the model dtype"
         for plan in (full, int8, int4):
             verdict = [line for line in plan.report().splitlines() if line.startswith("Verdict")]
             assert verdict == [f"Verdict: {'fits in' if plan.needed <= 24 * 2**30 else 'does not fit in'} 24.00 GiB"

@@ -15,7 +15,6 @@ from torch import nn
 
 from ..models.kernels import Kernel, Op, choose, quantized_kernel, weight_only_linear
 from ..models.language import DeepseekV2Experts
-from ..models.scratch import scratch
 from .packing import dequantize, empty_quantized, quantize
 
 SCALE_SUFFIX = "_scale"
@@ -29,10 +28,8 @@ def quantized_product(x: torch.Tensor, weight, scale, bits: int, group_size: int
     def run(kernel: Kernel) -> torch.Tensor:
         if kernel is Kernel.WEIGHT_ONLY:
             kernel = quantized_kernel(x.device, bits)
-        if kernel is Kernel.DEQUANTIZED:  # into memory the pass's earlier matrices of this shape used
-            shape = (*weight.shape[:-1], x.shape[-1])
-            matrix = scratch(f"dequantized {shape}", shape, x.dtype, x.device)
-            return F.linear(x, dequantize(weight, scale, bits, x.dtype, out=matrix))
+        if kernel is Kernel.DEQUANTIZED:
+            return F.linear(x, dequantize(weight, scale, bits, x.dtype))
         return weight_only_linear(x, kernel, weight, scale, group_size)
 
     return run(choose(Op.QUANTIZED_PRODUCT, x.device, x.dtype, size, [tuple(weight.shape), (bits,)], trial=run))

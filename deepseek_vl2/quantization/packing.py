@@ -142,11 +142,7 @@ def machine_int4_layout() -> Int4Layout:
 
 
 def dequantize(
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    dtype: torch.dtype = torch.float32,
-    out: torch.Tensor | None = None,
+    weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """The matrix [..., out, in] that a quantized ``weight`` with ``scale`` stands for, rounded once to ``dtype``.
 
@@ -154,23 +150,17 @@ def dequantize(
     float32, so multiplying in the scale's own dtype rounds once, as rounding the float32 product would,
     without a float32 copy of the matrix. int4's ``(level - 8) * scale + zero`` is computed in float32,
     in place, with each group's scale and zero broadcast over the group (not repeated into matrices).
-    ``out`` (of ``dtype``) receives the matrix instead of a new tensor.
     """
     if bits == 8 and scale.dtype == dtype:
-        matrix = weight.to(dtype) if out is None else out.copy_(weight)  # the levels are exact in 16 bits
-        return matrix.mul_(scale.unsqueeze(-1))
+        return weight.to(dtype).mul_(scale.unsqueeze(-1))  # the levels are exact in 16 bits
     if bits == 8:
-        return _rounded(weight.float().mul_(scale.float().unsqueeze(-1)), dtype, out)
+        return weight.float().mul_(scale.float().unsqueeze(-1)).to(dtype)
     levels = unpack_int4(weight)
     *lead, rows, columns = levels.shape
     groups = scale.shape[-3]
     scale, zero = scale.float().transpose(-3, -2).unsqueeze(-2).unbind(-1)  # [..., out, groups, 1] each
     values = levels.view(*lead, rows, groups, columns // groups).float().sub_(8).mul_(scale).add_(zero)
-    return _rounded(values.view(*lead, rows, columns), dtype, out)
-
-
-def _rounded(values: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
-    return values.to(dtype) if out is None else out.copy_(values)
+    return values.view(*lead, rows, columns).to(dtype)
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
