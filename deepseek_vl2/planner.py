@@ -248,6 +248,7 @@ def decoder_prefill_peak(
     cache_per_layer = kv_cache_bytes_per_token(config, dtype) // layers
     rope_dim = config.qk_rope_head_dim if config.use_mla else config.head_dim
     embeddings = prompt_tokens * hidden * size
+    first_moe_layer = next((layer for layer in range(layers) if config.is_moe_layer(layer)), layers)
     peak = embeddings
     for q, n in _prefill_steps(prompt_tokens, chunk_size):
         masked = n > q  # one full causal pass needs no mask
@@ -260,7 +261,7 @@ def decoder_prefill_peak(
             cached_tokens = (layer + 1) * held + (layers - layer - 1) * held_before
             cache = cached_tokens * cache_per_layer
             layer_input = q * hidden * size if layer else 0  # the first layer reads the embeddings
-            kept = device == "cpu" and any(config.is_moe_layer(earlier) for earlier in range(layer))  # ``scratch``
+            kept = device == "cpu" and layer > first_moe_layer  # ``scratch`` keeps the per-pair outputs
             base = shared + cache + layer_input + (_pair_outputs_bytes(config, q) if kept else 0)
             attention = _attention_peak(config, q, n, size, masked, device)
             # + attention's output

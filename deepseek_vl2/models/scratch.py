@@ -41,4 +41,3 @@ def scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
         kept.pop(role, None)  # freed before its replacement is made
         tensor = kept[role] = torch.empty(shape, dtype=dtype, device=device)
     return tensor
-
