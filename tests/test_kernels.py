@@ -44,7 +44,7 @@ def test_one_query_attention_runs_on_matmuls_on_cpu_only():
 
 
 def test_experts_path_by_device_and_pairs():
-    assert choose(Op.EXPERTS, CPU, BF16, MAX_PAIRS_IN_PLACE) is Kernel.EACH_PAIR
+    assert choose(Op.EXPERTS, CPU, BF16, MAX_PAIRS_IN_PLACE) is Kernel.EACH_EXPERT
     assert choose(Op.EXPERTS, CPU, BF16, MAX_PAIRS_IN_PLACE + 1) is Kernel.SORTED
     assert choose(Op.EXPERTS, CUDA, BF16, MAX_GATHERED_EXPERTS) is Kernel.GATHERED
     assert choose(Op.EXPERTS, CUDA, BF16, MAX_GATHERED_EXPERTS + 1) is Kernel.SORTED
@@ -139,7 +139,7 @@ def test_rules_decide_where_nothing_is_timed(fresh_timer):
     assert choose(Op.QUANTIZED_PRODUCT, CPU, BF16, size - 1, shapes, trial=pytest.fail) is Kernel.WEIGHT_ONLY
     assert choose(Op.QUANTIZED_PRODUCT, CUDA, BF16, size, shapes, trial=pytest.fail) is Kernel.WEIGHT_ONLY
     assert choose(Op.QUANTIZED_PRODUCT, CPU, BF16, size) is Kernel.WEIGHT_ONLY  # no trial: nothing to time
-    assert choose(Op.EXPERTS, CPU, BF16, 6) is Kernel.EACH_PAIR  # outside a decode step: the rule
+    assert choose(Op.EXPERTS, CPU, BF16, 6) is Kernel.EACH_EXPERT  # outside a decode step: the rule
     assert choose(Op.MATMUL, CPU, BF16, 1, shapes, trial=pytest.fail) is Kernel.NATIVE_GEMV
     kernels.time_kernels(False)
     assert choose(Op.QUANTIZED_PRODUCT, CPU, BF16, 2 * size, shapes, trial=pytest.fail) is Kernel.WEIGHT_ONLY
@@ -227,11 +227,10 @@ def test_decode_steps_settle_each_product_and_attention_kernel(fresh_timer):
     pairs = model.config.num_experts_per_tok
     products = {"matmul/layers size 1", "matmul/lm_head size 1"}
     attention = {f"one_query_scores/keys<=256 size {group}", f"one_query_values/keys<=256 size {group}"}
-    # The pairs' own products are asked only on steps whose experts run pair by pair.
-    assert settled - {"matmul/expert_pairs size 1"} == products | attention | {f"experts size {pairs}"}
+    assert settled == products | attention | {f"experts size {pairs}"}
     assert {steps[q] for q in settled if q.startswith("matmul")} <= {"torch_default", "native_gemv"}
     assert {steps[q] for q in attention} <= {"onednn", "native_gemv"}
-    assert steps[f"experts size {pairs}"] in ("sorted", "each_pair")
+    assert steps[f"experts size {pairs}"] in ("sorted", "each_expert")
 
 
 def test_one_query_attention_is_settled_per_class_of_cache_length(fresh_timer):

@@ -682,7 +682,7 @@ def make_experts(seed=0):
     return config, experts
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 40])  # pair by pair (3 and 15 pairs), sorted segments (120 pairs)
+@pytest.mark.parametrize("tokens", [1, 5, 40])  # each expert in place (3 and 15 pairs), sorted segments (120 pairs)
 def test_experts_equal_per_expert_loop(tokens):
     config, experts = make_experts()
     g = torch.Generator().manual_seed(tokens)
@@ -712,8 +712,27 @@ def test_bf16_experts_paths_for_a_decode_step_agree():
     experts.to(torch.bfloat16)
     x, index, weights = torch.randn(2, 64).to(torch.bfloat16), torch.tensor([[0, 3, 5], [5, 6, 7]]), torch.rand(2, 3)
     with torch.no_grad():
-        each, by_expert = (experts._run(path, x, index, weights) for path in (Kernel.EACH_PAIR, Kernel.SORTED))
+        each, by_expert = (experts._run(path, x, index, weights) for path in (Kernel.EACH_EXPERT, Kernel.SORTED))
     torch.testing.assert_close(each, by_expert, rtol=0, atol=2e-2)
+
+
+def test_a_lone_pairs_expert_runs_on_gemv_a_shared_one_on_the_steps_kernel(monkeypatch, fresh_timer):
+    """Inside a decode step still being tuned, with the step's products on oneDNN: a lone pair's expert runs on
+    PyTorch's GEMV (not on a first answer that the tuning would never time), a shared expert once on oneDNN."""
+    config, experts = make_experts()
+    experts.to(torch.bfloat16)
+    calls = []
+    gate_up = DeepseekV2Experts._gate_up
+
+    def spy(self, tokens, expert):
+        calls.append((expert, tokens.shape[0] if tokens.ndim == 2 else 1, torch.backends.mkldnn.enabled))
+        return gate_up(self, tokens, expert)
+
+    monkeypatch.setattr(DeepseekV2Experts, "_gate_up", spy)
+    x, index, weights = torch.randn(2, 64).to(torch.bfloat16), torch.tensor([[0, 3, 5], [5, 6, 7]]), torch.rand(2, 3)
+    with torch.no_grad(), kernels.decode_step(torch.device("cpu"), torch.bfloat16, rows=2), matmuls_on(Kernel.ONEDNN):
+        experts._run(Kernel.EACH_EXPERT, x, index, weights)
+    assert sorted(calls) == [(0, 1, False), (3, 1, False), (5, 2, True), (6, 1, False), (7, 1, False)]
 
 
 def count_host_syncs(monkeypatch):

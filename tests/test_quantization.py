@@ -130,7 +130,7 @@ def experts_config() -> DeepseekV2Config:
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize(
-    ("path", "tokens"), [(Kernel.EACH_PAIR, 3), (Kernel.GATHERED, 3), (Kernel.SORTED, 40)]
+    ("path", "tokens"), [(Kernel.EACH_EXPERT, 3), (Kernel.GATHERED, 3), (Kernel.SORTED, 40)]
 )  # a decode step's 6 pairs on CPU, the same on CUDA, a prefill's 80 pairs grouped by expert
 def test_quantized_experts_equal_float_experts_with_the_dequantized_weights(bits, path, tokens):
     torch.manual_seed(0)

@@ -26,10 +26,10 @@ from .kernel_timing import StepTuning, default_timer, time_candidates
 
 TIMING_ENV = "DEEPSEEK_VL2_KERNEL_TIMING"  # "0": the fixed rules alone decide (no kernel is timed)
 
-# Up to this many (token, expert) pairs the experts run pair by pair (decoding a few sequences). On an
+# Up to this many (token, expert) pairs the experts run as a decode step's (decoding a few sequences). On an
 # accelerator they gather the selected experts' weights (no host sync); beyond this, copying weights costs
-# more than one sync per layer. On CPU they read them in place, with one matrix-vector product per pair,
-# which beats one small matrix product per expert up to a few rows per expert.
+# more than one sync per layer. On CPU they read them in place, grouped by expert on the host, with one
+# matrix-vector product for a lone pair's expert.
 MAX_GATHERED_EXPERTS = 16
 MAX_PAIRS_IN_PLACE = 32
 # From this many rows (a prefill) a product with quantized weights may run on the weights dequantized for the
@@ -58,7 +58,7 @@ class Kernel(Enum):
     ONEDNN = "onednn"  # matrix products with oneDNN on
     SDPA = "sdpa"  # :func:`sdpa`
     ONE_QUERY = "one_query"  # :func:`attend_one_query`
-    EACH_PAIR = "each_pair"  # ``DeepseekV2Experts._run_each``
+    EACH_EXPERT = "each_expert"  # ``DeepseekV2Experts._run_each_expert``: grouped on the host, a lone pair on GEMV
     GATHERED = "gathered"  # ``DeepseekV2Experts._run_gathered``
     SORTED = "sorted"  # ``DeepseekV2Experts._run_sorted``
     INT8_WEIGHT_ONLY = "int8_weight_only"  # ``aten._weight_int8pack_mm``: int8 weights, a scale per output channel
@@ -109,9 +109,9 @@ def _quantized_product(device: torch.device, dtype: torch.dtype, rows: int) -> K
 def _experts(device: torch.device, dtype: torch.dtype, pairs: int) -> Kernel:
     """Many pairs (prefill): expert by expert on the sorted pairs. Few pairs (decode) on an accelerator:
     gather their experts' weights, as a host sync would stall the queue; on CPU there is no queue to
-    drain, while copying weights would triple a decode step's memory traffic: each pair in place."""
+    drain, while copying weights would triple a decode step's memory traffic: each expert in place."""
     if device.type == "cpu":
-        return Kernel.EACH_PAIR if pairs <= MAX_PAIRS_IN_PLACE else Kernel.SORTED
+        return Kernel.EACH_EXPERT if pairs <= MAX_PAIRS_IN_PLACE else Kernel.SORTED
     return Kernel.GATHERED if pairs <= MAX_GATHERED_EXPERTS else Kernel.SORTED
 
 
@@ -151,7 +151,7 @@ STEP_TIMED: dict[Op, tuple[Kernel, Kernel, float]] = {
     Op.ONE_QUERY_SCORES: (Kernel.ONEDNN, Kernel.NATIVE_GEMV, math.inf),
     Op.ONE_QUERY_VALUES: (Kernel.ONEDNN, Kernel.NATIVE_GEMV, math.inf),
     Op.LATENT_QUERY: (Kernel.ONEDNN, Kernel.NATIVE_GEMV, math.inf),
-    Op.EXPERTS: (Kernel.SORTED, Kernel.EACH_PAIR, MAX_PAIRS_IN_PLACE),
+    Op.EXPERTS: (Kernel.SORTED, Kernel.EACH_EXPERT, MAX_PAIRS_IN_PLACE),
 }
 MAX_STEP_ROWS = 4
 # One-query attention's kernels are settled per class of cache length, up to each bound: which reads the

@@ -27,7 +27,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from ..utils.checkpoint import PageReleaser
 from .cache import BufferedLayer, DeepseekV2Cache, DeepseekV2GenerationMixin  # BufferedLayer: re-exported
 from .configuration import DeepseekV2Config
-from .kernels import Kernel, Op, attend_one_query, choose, decode_step, matmuls_running, running, sdpa
+from .kernels import Kernel, Op, attend_one_query, choose, decode_step, matmuls_on, matmuls_running, running, sdpa
 from .scratch import reusing_scratch, scratch
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
@@ -388,7 +388,7 @@ class DeepseekV2Experts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """[tokens, hidden] routed by ``top_k_index``/``top_k_weights`` [tokens, top_k] -> [tokens, hidden].
 
-        The path (pair by pair in place, gathered weights, or sorted segments) is chosen by ``kernels``.
+        The path (each expert in place, gathered weights, or sorted segments) is chosen by ``kernels``.
         """
         with running(Op.EXPERTS, hidden_states.device, hidden_states.dtype, top_k_index.numel()) as path:
             return self._run(path, hidden_states, top_k_index, top_k_weights)
@@ -396,10 +396,8 @@ class DeepseekV2Experts(nn.Module):
     def _run(self, path: Kernel, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         if path is Kernel.SORTED:
             return self._run_sorted(hidden_states, top_k_index, top_k_weights)
-        if path is Kernel.EACH_PAIR:
-            device, dtype = hidden_states.device, hidden_states.dtype
-            with matmuls_running(Op.MATMUL, device, dtype, 1, role="expert_pairs"):  # one row per pair
-                expert_outputs = self._run_each(hidden_states, top_k_index)
+        if path is Kernel.EACH_EXPERT:
+            expert_outputs = self._run_each_expert(hidden_states, top_k_index)
         else:
             expert_outputs = self._run_gathered(hidden_states, top_k_index)
         # Weighted sum in the routing weights' float32, as the original (the multiply does the upcast).
@@ -413,17 +411,31 @@ class DeepseekV2Experts(nn.Module):
     def _down(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
         return F.linear(tokens, self.down_proj[expert])
 
-    def _run_each(self, hidden_states, top_k_index) -> torch.Tensor:
-        """Each (token, expert) pair through its expert's weights where they lie (one cheap host read on CPU).
+    def _expert(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
+        gate, up = self._gate_up(tokens, expert).chunk(2, dim=-1)
+        return self._down(self.act_fn(gate) * up, expert)
 
-        One GEMV per pair, even where tokens share an expert: a few-row oneDNN product reads the weights
-        slower than the repeated GEMVs, whose second reads mostly hit the cache.
+    def _run_each_expert(self, hidden_states, top_k_index) -> torch.Tensor:
+        """Each hit expert once, its weights where they lie, its pairs found from one host read of the routing.
+
+        A lone pair's expert runs one GEMV (PyTorch's, which reads one row's weights faster than oneDNN on
+        the CPUs measured); an expert shared by several of a step's tokens runs one product of their rows on
+        the step's kernel for its other products, reading its weights once. Not a question of its own: one
+        asked only inside this path would keep its untimed first answer while this path is being timed.
         """
-        outputs = []
-        for token, experts in zip(hidden_states, top_k_index.tolist()):
-            for expert in experts:
-                gate, up = self._gate_up(token, expert).chunk(2, dim=-1)
-                outputs.append(self._down(self.act_fn(gate) * up, expert))
+        top_k = top_k_index.shape[1]
+        slots_of: dict[int, list[int]] = {}
+        for slot, expert in enumerate(top_k_index.reshape(-1).tolist()):
+            slots_of.setdefault(expert, []).append(slot)
+        outputs: list[torch.Tensor | None] = [None] * top_k_index.numel()
+        for expert, slots in slots_of.items():
+            if len(slots) == 1:
+                with matmuls_on(Kernel.NATIVE_GEMV):
+                    outputs[slots[0]] = self._expert(hidden_states[slots[0] // top_k], expert)
+            else:
+                rows = self._expert(hidden_states[[slot // top_k for slot in slots]], expert)
+                for slot, row in zip(slots, rows):
+                    outputs[slot] = row
         return torch.stack(outputs)
 
     def _gathered_weights(self, expert_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -454,8 +466,7 @@ class DeepseekV2Experts(nn.Module):
         for expert, count in enumerate(counts):
             if count:
                 segment = slots[start : start + count]
-                gate, up = self._gate_up(hidden_states[segment // top_k], expert).chunk(2, dim=-1)
-                output = self._down(self.act_fn(gate) * up, expert)
+                output = self._expert(hidden_states[segment // top_k], expert)
                 weighted.index_copy_(0, segment, output * weights[segment])
                 start += count
         return weighted.view(*top_k_index.shape, -1).sum(dim=1).to(hidden_states.dtype)
