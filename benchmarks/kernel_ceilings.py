@@ -65,6 +65,24 @@ def weight_only_streaming(shape: tuple[int, int], rows: int, bits: int, total_by
     return count * stored_bytes / best_time(run, CPU, 5) / GB
 
 
+def int8_activations_streaming(shape: tuple[int, int], rows: int, total_bytes: float = 400e6) -> float:
+    """GB/s of int8 weights read by ``torch._int_mm`` on rows quantized to int8 on the fly (a scale per row),
+    rescaled to bf16: what an int8 weights-and-activations setting would run. This library quantizes weights
+    only (activations stay bf16), so this is a ceiling to compare, not one of its paths."""
+    count = max(4, int(total_bytes / (shape[0] * shape[1])))
+    weights = [torch.randint(-127, 128, shape, dtype=torch.int8) for _ in range(count)]
+    weight_scale = torch.rand(shape[0])
+    x = torch.randn(rows, shape[1]).to(torch.bfloat16)
+
+    def run():
+        for weight in weights:
+            row_scale = x.abs().amax(-1, keepdim=True).float() / 127
+            rows_int8 = (x / row_scale).round_().to(torch.int8)
+            (torch._int_mm(rows_int8, weight.t()) * (row_scale * weight_scale)).to(torch.bfloat16)
+
+    return count * shape[0] * shape[1] / best_time(run, CPU, 5) / GB
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -82,12 +100,16 @@ def main(argv=None) -> None:
             print(f"{name:16s} {str(shape):>13s}  {rows:4d}   {gemv:12.1f}   {onednn:14.1f}")
 
     print("\nquantized weights read, GB/s (bf16 rows; tokens/s scale with weights per second: x2 for int8, x4 int4)")
-    print("                                rows   int8 (bytes/s)   int4 (bytes/s)   bf16-equivalent int8 / int4")
+    print("and int8 weights by int8 rows (`torch._int_mm`, rows quantized per call: not a path of this library)")
+    print("                                rows   int8 (bytes/s)   int4 (bytes/s)   bf16-equivalent int8 / int4"
+          "   int8 x int8 (bytes/s)")  # fmt: skip
     for name, shape in DECODE_SHAPES.items():
         for rows in (1, 4):
             int8, int4 = weight_only_streaming(shape, rows, 8), weight_only_streaming(shape, rows, 4)
             equivalent = f"{2 * int8:10.1f} / {4 * int4:.1f}"
-            print(f"{name:16s} {shape!s:>13s}  {rows:4d}   {int8:14.1f}   {int4:14.1f}   {equivalent}")
+            int8_int8 = int8_activations_streaming(shape, rows)
+            print(f"{name:16s} {shape!s:>13s}  {rows:4d}   {int8:14.1f}   {int4:14.1f}   {equivalent:>27s}"
+                  f"   {int8_int8:21.1f}")  # fmt: skip
 
     print("\none-token attention over 1,686 cached positions, 10 heads x 128 (12 layers' caches, cold)")
     for batch in (1, 4):
