@@ -7,6 +7,7 @@ import torch
 from test_language import make_model, random_ids
 
 import deepseek_vl2.models.language as language
+from deepseek_vl2.models.kernels import MAX_PAIRS_IN_PLACE
 from deepseek_vl2.models.scratch import reusing_scratch, scratch
 
 CPU = torch.device("cpu")
@@ -59,7 +60,8 @@ def test_a_prefill_writes_every_moe_layers_pair_outputs_into_one_buffer(monkeypa
 
     language_scratch = language.scratch
     monkeypatch.setattr(language, "scratch", spy)
-    ids = random_ids(1, 40)  # 80 (token, expert) pairs: each expert once on its sorted segment
+    tokens = MAX_PAIRS_IN_PLACE // model.config.num_experts_per_tok + 8  # past a decode batch's pairs
+    ids = random_ids(1, tokens)  # each expert once on its sorted segment
     with torch.no_grad():
         logits = model(ids).logits
     assert len(buffers) == 2 and buffers[0].data_ptr() == buffers[1].data_ptr()

@@ -29,9 +29,10 @@ TIMING_ENV = "DEEPSEEK_VL2_KERNEL_TIMING"  # "0": the fixed rules alone decide (
 # Up to this many (token, expert) pairs the experts run as a decode step's (decoding a few sequences). On an
 # accelerator they gather the selected experts' weights (no host sync); beyond this, copying weights costs
 # more than one sync per layer. On CPU they read them in place, grouped by expert on the host, with one
-# matrix-vector product for a lone pair's expert.
+# matrix-vector product for a lone pair's expert: faster than the sorted segments' path up to a batch of
+# 16 rows at top-6 routing (benchmarks/README.md), beyond which a prefill's thousands of pairs want sorting.
 MAX_GATHERED_EXPERTS = 16
-MAX_PAIRS_IN_PLACE = 32
+MAX_PAIRS_IN_PLACE = 96
 # From this many rows (a prefill) a product with quantized weights may run on the weights dequantized for the
 # call: the dequantizing costs as much as a few rows' weight-only products, the matmul units then run at full
 # rate. Fewer rows (decoding) always read the quantized bytes.
