@@ -42,6 +42,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from deepseek_vl2.chat import DeepseekVL2Chat
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor, kernels
 from deepseek_vl2.models.language import DeepseekV2MoE
+from deepseek_vl2.models.packed import pack_weights
 from deepseek_vl2.models.tiling import num_tiles
 from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
 from deepseek_vl2.quantization.config import SHORT_FORMS
@@ -205,8 +206,11 @@ def prefill_memory(model, embeds: torch.Tensor, attention_mask: torch.Tensor, ch
 # ---------------------------------------------------------------------------------------------- the model
 
 
-def build_model(variant: str, layers: int | None, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """The variant's real dimensions with random weights: built on the meta device, then filled in place."""
+def build_model(
+    variant: str, layers: int | None, dtype: torch.dtype, device: torch.device, seed: int = 0, pack: bool = True
+):
+    """The variant's real dimensions with random weights: built on the meta device, then filled in place, then
+    packed where ``from_pretrained`` would pack them (``pack=False``: left in PyTorch's layout)."""
     settings = published_config(variant)
     if layers:
         settings["language_config"]["num_hidden_layers"] = layers
@@ -220,6 +224,8 @@ def build_model(variant: str, layers: int | None, dtype: torch.dtype, device: to
         torch.set_default_dtype(default_dtype)
     model.to_empty(device=device)
     fill_random(model, seed)
+    if pack:
+        pack_weights(model)  # as from_pretrained does
     return model.eval()
 
 
@@ -690,7 +696,8 @@ def main(argv=None) -> dict:
           f"{args.dtype} matmul {machine['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s", flush=True)  # fmt: skip
 
     start = time.perf_counter()
-    model = build_model(args.variant, args.layers, dtype, device)
+    model = build_model(args.variant, args.layers, dtype, device, pack=not args.quantize)
+    packed = sum(1 for m in model.modules() if getattr(m, "is_packed", False))
     if args.quantize:
         config = DeepseekVL2QuantizationConfig.from_short_form(args.quantize, args.quantize_vision)
         quantize_in_place(model, config)
@@ -698,8 +705,8 @@ def main(argv=None) -> dict:
     load_seconds = time.perf_counter() - start
     decoder = model.config.language_config
     print(f"{args.variant}: {parameter_count(model) / 1e9:.2f} B parameters ({parameter_bytes(model) / 1e9:.1f} GB "
-          f"{args.dtype}), {decoder.num_hidden_layers} decoder layers, built with random weights in {load_seconds:.1f} s",
-          flush=True)  # fmt: skip
+          f"{args.dtype}), {decoder.num_hidden_layers} decoder layers, built with random weights in "
+          f"{load_seconds:.1f} s; {packed} modules' weights packed for oneDNN", flush=True)  # fmt: skip
 
     with tempfile.TemporaryDirectory() as folder:
         processor = build_processor(args.variant, folder)
@@ -740,6 +747,7 @@ def main(argv=None) -> dict:
             "decoder_layers": decoder.num_hidden_layers,
             "experts_implementation": decoder._experts_implementation,
             "load_s": load_seconds,
+            "packed_modules": packed,
         },
         "kernels": kernels.TIMER.choices() if args.kernel_choice == "timed" else "rules",
         "kernel_timings": [dataclasses.asdict(m) for m in kernels.measurements()],

@@ -1,9 +1,10 @@
 """The kernel ceilings behind bench.py's CPU figures: how fast PyTorch's own kernels read weights and attend.
 
-Decode is weight streaming: a one-row product runs on PyTorch's GEMV, a few-row one (batch > 1) on
-oneDNN. This prints the rate at which each reads bf16 weights of the tiny model's shapes (many distinct
-matrices, so that caches do not help), the attention kernels of a one-token step over a 1.4k-token
-cache, and the vision tower's SDPA (head dim 72) against a large matmul.
+Decode is weight streaming: a one-row product runs on PyTorch's GEMV or oneDNN, a few-row one (batch > 1)
+on oneDNN, on weights packed for it where this CPU has native bf16. This prints the rate at which each
+reads bf16 weights of the tiny model's shapes (many distinct matrices, so that caches do not help), the
+attention kernels of a one-token step over a 1.4k-token cache, and the vision tower's SDPA (head dim 72)
+against a large matmul.
 
     python benchmarks/kernel_ceilings.py            # 2 threads, bf16
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from bench import best_time, matmul_rate, memory_bandwidth
 
 from deepseek_vl2.models.kernels import quantized_kernel, onednn_matmuls, weight_only_linear
+from deepseek_vl2.models.packed import PackedWeight, packing_available
 from deepseek_vl2.quantization.config import DEFAULT_INT4_GROUP_SIZE
 from deepseek_vl2.quantization.packing import quantize
 
@@ -26,8 +28,9 @@ CPU = torch.device("cpu")
 DECODE_SHAPES = {"expert gate+up": (1792, 1280), "attention proj": (1280, 1280), "LM head": (129280, 1280)}
 
 
-def weight_streaming(shape: tuple[int, int], rows: int, total_bytes: float = 400e6) -> tuple[float, float]:
-    """GB/s of weights read by (GEMV per row, one oneDNN product) for ``rows`` rows, over cold matrices."""
+def weight_streaming(shape: tuple[int, int], rows: int, total_bytes: float = 400e6) -> tuple[float, ...]:
+    """GB/s of weights read by (GEMV per row, one oneDNN product, one product of the weight packed for
+    oneDNN: ``models.packed``, 0 where packing is not available) for ``rows`` rows, over cold matrices."""
     count = max(4, int(total_bytes / (shape[0] * shape[1] * 2)))
     weights = [torch.randn(shape).to(torch.bfloat16) for _ in range(count)]
     x = torch.randn(rows, shape[1]).to(torch.bfloat16)
@@ -44,7 +47,11 @@ def weight_streaming(shape: tuple[int, int], rows: int, total_bytes: float = 400
             for weight in weights:
                 F.linear(x, weight)
 
-    return size / best_time(gemv_per_row, CPU, 5) / GB, size / best_time(onednn, CPU, 5) / GB
+    rates = size / best_time(gemv_per_row, CPU, 5) / GB, size / best_time(onednn, CPU, 5) / GB
+    if not packing_available():
+        return (*rates, 0.0)
+    packed = [PackedWeight(weight) for weight in weights]
+    return (*rates, size / best_time(lambda: [weight.linear(x) for weight in packed], CPU, 5) / GB)
 
 
 def weight_only_streaming(shape: tuple[int, int], rows: int, bits: int, total_bytes: float = 400e6) -> float:
@@ -93,11 +100,11 @@ def main(argv=None) -> None:
     matmul = matmul_rate(CPU, torch.bfloat16)
     print(f"bf16 matmul 4096^3: {matmul / 1e9:.0f} GFLOP/s\n")
 
-    print("weights read, GB/s        rows   GEMV per row   oneDNN product")
+    print("weights read, GB/s        rows   GEMV per row   oneDNN product   packed for oneDNN")
     for name, shape in DECODE_SHAPES.items():
         for rows in (1, 2, 4):
-            gemv, onednn = weight_streaming(shape, rows)
-            print(f"{name:16s} {str(shape):>13s}  {rows:4d}   {gemv:12.1f}   {onednn:14.1f}")
+            gemv, onednn, packed = weight_streaming(shape, rows)
+            print(f"{name:16s} {str(shape):>13s}  {rows:4d}   {gemv:12.1f}   {onednn:14.1f}   {packed:17.1f}")
 
     print("\nquantized weights read, GB/s (bf16 rows; tokens/s scale with weights per second: x2 for int8, x4 int4)")
     print("and int8 weights by int8 rows (`torch._int_mm`, rows quantized per call: not a path of this library)")

@@ -28,6 +28,7 @@ from ..utils.checkpoint import PageReleaser
 from .cache import BufferedLayer, DeepseekV2Cache, DeepseekV2GenerationMixin  # BufferedLayer: re-exported
 from .configuration import DeepseekV2Config
 from .kernels import Kernel, Op, attend_one_query, choose, decode_step, matmuls_on, matmuls_running, running, sdpa
+from .packed import Linear, Packable
 from .scratch import reusing_scratch, scratch
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
@@ -196,10 +197,10 @@ class DeepseekV2MultiHeadAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.scaling = self.head_dim**-0.5
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, config.num_attention_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, config.num_key_value_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, config.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = Linear(hidden, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(config.num_attention_heads * self.head_dim, hidden, bias=bias)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache: Cache | None = None):
         batch, seq_len, _ = hidden_states.shape
@@ -241,15 +242,15 @@ class DeepseekV2LatentAttention(nn.Module):
 
         self.q_lora_rank = config.q_lora_rank
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, q_width, bias=False)
+            self.q_proj = Linear(hidden, q_width, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = DeepseekV2RMSNorm(self.q_lora_rank)  # default eps, as in the original
-            self.q_b_proj = nn.Linear(self.q_lora_rank, q_width, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, q_width, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = DeepseekV2RMSNorm(self.kv_lora_rank)  # default eps, as in the original
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias)
 
         self.scaling = config.q_head_dim**-0.5
         settings = rope_settings(config)
@@ -315,9 +316,9 @@ class DeepseekV2MLP(nn.Module):
     def __init__(self, config: DeepseekV2Config, intermediate_size: int | None = None):
         super().__init__()
         intermediate_size = intermediate_size or config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -374,8 +375,18 @@ class DeepseekV2MoEGate(nn.Module):
 
 
 @use_experts_implementation
-class DeepseekV2Experts(nn.Module):
-    """A layer's routed experts, stacked: ``gate_up_proj`` [E, 2I, H] (gate rows, then up), ``down_proj`` [E, H, I]."""
+class DeepseekV2Experts(Packable, nn.Module):
+    """A layer's routed experts, stacked: ``gate_up_proj`` [E, 2I, H] (gate rows, then up), ``down_proj`` [E, H, I].
+
+    Packed (``models.packed``), each expert's matrices are packed one by one; only for the eager
+    implementation (this module's own forward), as transformers' others read the stacked tensors.
+    """
+
+    packed_names = ("gate_up_proj", "down_proj")
+
+    def pack(self) -> None:
+        if self.config._experts_implementation in (None, "eager"):
+            super().pack()
 
     def __init__(self, config: DeepseekV2Config):
         super().__init__()
@@ -406,10 +417,12 @@ class DeepseekV2Experts(nn.Module):
 
     def _gate_up(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
         """``tokens`` through one expert's gate and up projections, its weights read in place."""
-        return F.linear(tokens, self.gate_up_proj[expert])
+        packed = self.packed("gate_up_proj")
+        return F.linear(tokens, self.gate_up_proj[expert]) if packed is None else packed[expert].linear(tokens)
 
     def _down(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
-        return F.linear(tokens, self.down_proj[expert])
+        packed = self.packed("down_proj")
+        return F.linear(tokens, self.down_proj[expert]) if packed is None else packed[expert].linear(tokens)
 
     def _expert(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
         gate, up = self._gate_up(tokens, expert).chunk(2, dim=-1)
@@ -418,9 +431,10 @@ class DeepseekV2Experts(nn.Module):
     def _run_each_expert(self, hidden_states, top_k_index) -> torch.Tensor:
         """Each hit expert once, its weights where they lie, its pairs found from one host read of the routing.
 
-        A lone pair's expert runs one GEMV (PyTorch's, which reads one row's weights faster than oneDNN on
-        the CPUs measured); an expert shared by several of a step's tokens runs one product of their rows on
-        the step's kernel for its other products, reading its weights once. Not a question of its own: one
+        A lone pair's expert runs one GEMV (PyTorch's, which reads one row's unpacked weights faster than
+        oneDNN on the CPUs measured; packed weights run oneDNN's product regardless); an expert shared by
+        several of a step's tokens runs one product of their rows on the step's kernel for its other
+        products, reading its weights once. Not a question of its own: one
         asked only inside this path would keep its untimed first answer while this path is being timed.
         """
         top_k = top_k_index.shape[1]
@@ -440,6 +454,9 @@ class DeepseekV2Experts(nn.Module):
 
     def _gathered_weights(self, expert_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [pairs, 2I, H], down [pairs, H, I]): the weights of each pair's expert, copied."""
+        if self.is_packed:
+            ids = expert_ids.tolist()
+            return tuple(torch.stack([self.packed(name)[e].dense() for e in ids]) for name in self.packed_names)
         return self.gate_up_proj[expert_ids], self.down_proj[expert_ids]
 
     def _run_gathered(self, hidden_states, top_k_index) -> torch.Tensor:
@@ -610,7 +627,7 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
     def __init__(self, config: DeepseekV2Config):
         super().__init__(config)
         self.model = DeepseekV2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -641,10 +658,11 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, DeepseekV2GenerationMixin
         """Logits in the model dtype, for the last ``logits_to_keep`` positions only (0 keeps all)."""
         tokens = input_ids if inputs_embeds is None else inputs_embeds
         num_tokens = tokens.shape[:2].numel() if tokens is not None else 0
-        device = self.lm_head.weight.device
+        device = self.model.norm.weight.device  # the LM head's (its weight may be packed, on meta)
         dtype = self.model.embed_tokens.weight.dtype  # the activations', also where the decoder is quantized
         bits = getattr(self.lm_head, "bits", None)  # a quantized LM head: its decoder's products are too
         model = f"width {self.config.hidden_size}" + (f" with int{bits} weights" if bits else "")
+        model += " packed" if getattr(self.lm_head, "is_packed", False) else ""  # its products' speeds differ
         with decode_step(device, dtype, num_tokens, model):
             with matmuls_running(Op.MATMUL, device, dtype, num_tokens, role="layers"):
                 outputs = self.model(

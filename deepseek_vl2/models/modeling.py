@@ -23,6 +23,7 @@ from ..utils.checks import check_chunk_size
 from .cache import DeepseekV2Cache, DeepseekV2GenerationMixin
 from .configuration import DeepseekVLV2Config
 from .language import DeepseekV2ForCausalLM
+from .packed import pack_weights
 from .projector import MlpProjector
 from .tiling import num_tiles
 from .vision import VisionTransformer
@@ -48,7 +49,8 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, quantization: str | None = None, **kwargs):
         """transformers' loader, with errors that name the problem (a missing folder, wrong-shaped tensors),
-        and weights in the process's own memory rather than views of the checkpoint files.
+        and weights in the process's own memory rather than views of the checkpoint files, the decoder's
+        packed for oneDNN where its bf16 products run there (``models.packed``).
 
         ``quantization="int8"`` or ``"int4"`` (or ``quantization_config=DeepseekVL2QuantizationConfig(...)``)
         quantizes the weights while loading; a checkpoint saved quantized loads quantized by itself.
@@ -65,6 +67,7 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
         if kwargs.get("ignore_mismatched_sizes"):
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
             own_mapped_weights(model[0] if isinstance(model, tuple) else model)
+            pack_weights(model[0] if isinstance(model, tuple) else model)
             return model
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
@@ -77,6 +80,7 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
             )
             raise ValueError(f"checkpoint {pretrained_model_name_or_path} has tensors of the wrong shape: {wrong}")
         own_mapped_weights(model)
+        pack_weights(model)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

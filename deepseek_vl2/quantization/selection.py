@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..models.language import DeepseekV2Experts
+from ..models.packed import Packable
 from .config import DeepseekVL2QuantizationConfig
 from .modules import QuantizedExperts, QuantizedLinear, QuantizedWeights
 from .packing import Int4Layout, int4_shape_problem, repack_int4
@@ -94,6 +95,8 @@ def quantize_in_place(model: nn.Module, config: DeepseekVL2QuantizationConfig) -
 @torch.no_grad()
 def quantize_target(model: nn.Module, name: str, module: nn.Module, config: DeepseekVL2QuantizationConfig) -> None:
     """Swap the float target ``module`` (called ``name`` in ``model``) for its quantized form, filled from it."""
+    if isinstance(module, Packable):
+        module.unpack()  # quantizing reads the dense weights
     replacement = _quantized_form(module, config)
     for tensor_name in replacement.quantized_names:
         for stored_name, tensor in replacement.quantize_tensor(tensor_name, getattr(module, tensor_name)).items():
