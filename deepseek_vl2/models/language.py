@@ -28,7 +28,7 @@ from ..utils.checkpoint import PageReleaser
 from .cache import BufferedLayer, DeepseekV2Cache, DeepseekV2GenerationMixin  # BufferedLayer: re-exported
 from .configuration import DeepseekV2Config
 from .kernels import Kernel, Op, attend_one_query, choose, decode_step, matmuls_on, matmuls_running, running, sdpa
-from .packed import Linear, Packable
+from .packed import Linear, Packable, dense_of
 from .scratch import reusing_scratch, scratch
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
@@ -456,7 +456,7 @@ class DeepseekV2Experts(Packable, nn.Module):
         """(gate_up [pairs, 2I, H], down [pairs, H, I]): the weights of each pair's expert, copied."""
         if self.is_packed:
             ids = expert_ids.tolist()
-            return tuple(torch.stack([self.packed(name)[e].dense() for e in ids]) for name in self.packed_names)
+            return tuple(dense_of([self.packed(name)[e] for e in ids]) for name in self.packed_names)
         return self.gate_up_proj[expert_ids], self.down_proj[expert_ids]
 
     def _run_gathered(self, hidden_states, top_k_index) -> torch.Tensor:

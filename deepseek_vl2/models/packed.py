@@ -93,31 +93,35 @@ class Packable:
     def unpack(self) -> None:
         """Put the dense weights back (PyTorch's own layout)."""
         for name, packed in self.__dict__.pop("_packed_weights", {}).items():
-            dense = packed.dense() if isinstance(packed, PackedWeight) else torch.stack([m.dense() for m in packed])
-            self._parameters[name] = nn.Parameter(dense, requires_grad=self._parameters[name].requires_grad)
+            self._parameters[name] = nn.Parameter(dense_of(packed), requires_grad=self._parameters[name].requires_grad)
 
     def _apply(self, fn, recurse=True):
-        if self.is_packed and _keeps_cpu_bf16(fn):  # .cpu(), .to(torch.bfloat16) and the like: stay packed
-            placeholders = dict(self._parameters)
-            for name in self._packed_weights:
-                del self._parameters[name]
-            try:
-                return super()._apply(fn, recurse)
-            finally:
-                self._parameters.clear()
-                self._parameters.update(placeholders)
-        self.unpack()
-        return super()._apply(fn, recurse)
+        if not (self.is_packed and _keeps_cpu_bf16(fn)):
+            self.unpack()
+            return super()._apply(fn, recurse)
+        # .cpu(), .to(torch.bfloat16) and the like: the packed weights stay, the other tensors are converted
+        order = list(self._parameters)
+        placeholders = {name: self._parameters.pop(name) for name in self._packed_weights}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            converted = {**self._parameters, **placeholders}
+            self._parameters.clear()
+            self._parameters.update((name, converted[name]) for name in order)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name, packed in self.__dict__.get("_packed_weights", {}).items():
-            dense = packed.dense() if isinstance(packed, PackedWeight) else torch.stack([m.dense() for m in packed])
-            destination[prefix + name] = dense
+            destination[prefix + name] = dense_of(packed)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.unpack()  # loading copies values into the dense parameters
         super()._load_from_state_dict(*args, **kwargs)
+
+
+def dense_of(packed: PackedWeight | list[PackedWeight]) -> torch.Tensor:
+    """The dense values of a packed matrix, or of a list of them stacked."""
+    return packed.dense() if isinstance(packed, PackedWeight) else torch.stack([matrix.dense() for matrix in packed])
 
 
 def _keeps_cpu_bf16(fn) -> bool:
