@@ -42,7 +42,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from deepseek_vl2.chat import DeepseekVL2Chat
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor, kernels
 from deepseek_vl2.models.language import DeepseekV2MoE
-from deepseek_vl2.models.packed import pack_weights
+from deepseek_vl2.models.packed import pack_weights, packed_modules
 from deepseek_vl2.models.tiling import num_tiles
 from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
 from deepseek_vl2.quantization.config import SHORT_FORMS
@@ -697,7 +697,7 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     model = build_model(args.variant, args.layers, dtype, device, pack=not args.quantize)
-    packed = sum(1 for m in model.modules() if getattr(m, "is_packed", False))
+    packed = packed_modules(model)
     if args.quantize:
         config = DeepseekVL2QuantizationConfig.from_short_form(args.quantize, args.quantize_vision)
         quantize_in_place(model, config)

@@ -10,7 +10,7 @@ from test_language import CONFIGS, make_model, random_ids
 from deepseek_vl2.models import DeepseekVLV2ForCausalLM, kernels, packed
 from deepseek_vl2.models.cache import DeepseekV2Cache
 from deepseek_vl2.models.kernels import Kernel, Op
-from deepseek_vl2.models.packed import Linear, pack_weights, unpack_weights
+from deepseek_vl2.models.packed import Linear, pack_weights, packed_modules, unpack_weights
 from deepseek_vl2.quantization import DeepseekVL2QuantizationConfig
 from deepseek_vl2.quantization.selection import quantize_in_place
 
@@ -18,10 +18,6 @@ pytestmark = pytest.mark.skipif(
     not packed.packing_available(), reason="this CPU has no native bf16 for oneDNN: nothing is packed here"
 )
 BF16 = torch.bfloat16
-
-
-def packed_modules(model) -> int:
-    return sum(1 for module in model.modules() if getattr(module, "is_packed", False))
 
 
 @pytest.fixture

@@ -384,10 +384,6 @@ class DeepseekV2Experts(Packable, nn.Module):
 
     packed_names = ("gate_up_proj", "down_proj")
 
-    def pack(self) -> None:
-        if self.config._experts_implementation in (None, "eager"):
-            super().pack()
-
     def __init__(self, config: DeepseekV2Config):
         super().__init__()
         self.num_experts = config.n_routed_experts
@@ -395,6 +391,10 @@ class DeepseekV2Experts(Packable, nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * intermediate, config.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, intermediate))
         self.act_fn = ACT2FN[config.hidden_act]
+
+    def pack(self) -> None:
+        if self.config._experts_implementation in (None, "eager"):
+            super().pack()
 
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """[tokens, hidden] routed by ``top_k_index``/``top_k_weights`` [tokens, top_k] -> [tokens, hidden].
@@ -434,8 +434,8 @@ class DeepseekV2Experts(Packable, nn.Module):
         A lone pair's expert runs one GEMV (PyTorch's, which reads one row's unpacked weights faster than
         oneDNN on the CPUs measured; packed weights run oneDNN's product regardless); an expert shared by
         several of a step's tokens runs one product of their rows on the step's kernel for its other
-        products, reading its weights once. Not a question of its own: one
-        asked only inside this path would keep its untimed first answer while this path is being timed.
+        products, reading its weights once. Not a question of its own: one asked only inside this path
+        would keep its untimed first answer while this path is being timed.
         """
         top_k = top_k_index.shape[1]
         slots_of: dict[int, list[int]] = {}

@@ -146,18 +146,20 @@ class Linear(Packable, nn.Linear):
 
 
 def pack_weights(model: nn.Module) -> int:
-    """Pack every :class:`Packable` module's weights where packing applies; the number of modules packed.
+    """Pack every :class:`Packable` module's weights where packing applies; the number of packed modules.
 
     A weight shared with another module (a tied LM head) stays as it is.
     """
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    packed = 0
     for module in model.modules():
-        if isinstance(module, Packable) and not module.is_packed:
-            if all(uses[id(module._parameters.get(name))] == 1 for name in module.packed_names):
-                module.pack()
-                packed += module.is_packed
-    return packed
+        if isinstance(module, Packable) and all(uses[id(module._parameters.get(n))] == 1 for n in module.packed_names):
+            module.pack()
+    return packed_modules(model)
+
+
+def packed_modules(model: nn.Module) -> int:
+    """How many of ``model``'s modules hold packed weights."""
+    return sum(1 for module in model.modules() if isinstance(module, Packable) and module.is_packed)
 
 
 def unpack_weights(model: nn.Module) -> None:
